@@ -1,0 +1,129 @@
+"""Default configuration: MSF on ImageNet 256x256 SD-VAE latents (32x32x4), base + residual DiTs.
+
+Every setting that is our design rather than a published number is a field here so it can be
+ablated. Derived configs (`demo.py`, `dit_xl2.py`, ...) start from `get_config()` and change fields.
+Override on the command line: `--config=configs/default.py --config.train.batch_size=64`.
+"""
+
+import ml_collections
+
+
+def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "ddpm",
+                 num_sampling_steps: int = 250, guidance_scale: float = 1.5) -> ml_collections.ConfigDict:
+    """One diffusion stage: its DiT, its noising process and how it is sampled."""
+    return ml_collections.ConfigDict(dict(
+        model=dict(
+            name=model_name,  # a key of msf_jax.models.dit.DIT_CONFIGS, e.g. "DiT-XL/2"
+            # Overrides of the registry entry; 0 keeps the registry value.
+            depth=0, hidden_size=0, num_heads=0, patch_size=0,
+            mlp_ratio=4.0,
+            class_dropout_prob=0.1,
+            learn_sigma=True,
+        ),
+        process=process,  # "gaussian" (DiT protocol: eps + learned sigma, MSE+VLB) | "flow"
+        num_train_timesteps=1000,
+        sampler=sampler,  # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun"
+        num_sampling_steps=num_sampling_steps,
+        ddim_eta=0.0,
+        guidance_scale=guidance_scale,  # 1.0 disables classifier-free guidance
+        guidance_channels=0,  # guide only the first k output channels (DiT: 3); 0 = all
+    ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # Which model this run trains: "base" | "residual" (MSF stages) | "dit" (single-stage baseline).
+    config.stage = "base"
+
+    config.data = ml_collections.ConfigDict(dict(
+        source="tfds",  # "tfds" | "folder" | "latent_cache" | "synthetic"
+        tfds_name="imagenet2012",
+        tfds_data_dir="",  # where the manually downloaded imagenet2012 lives ("" = tfds default)
+        folder="",  # image folder with one subfolder per class
+        cache_dir="",  # latent cache written by --mode=extract_latents
+        image_size=256,
+        num_classes=1000,
+        random_flip=True,
+        num_workers=4,  # grain worker processes per host (0 = in-process)
+        shuffle_buffer=0,  # unused by grain's global shuffle; kept for tfds-only setups
+    ))
+    # "latent": SD-VAE latents (image_size / 8, 4 channels); "pixel": the factorizer applies to pixels.
+    config.space = "latent"
+    config.vae = ml_collections.ConfigDict(dict(
+        weights="",  # converted SD-VAE weights (python -m msf_jax.convert vae ...)
+        scaling_factor=0.18215,
+        dtype="float32",
+        decode_batch_size=32,
+    ))
+
+    config.factorizer = ml_collections.ConfigDict(dict(
+        mode="laplacian",  # "laplacian" (residual at full resolution) | "haar" (3 detail bands at H/f)
+        factor=2,
+        levels=1,  # >1: a Laplacian pyramid, one residual per level
+        upsample="nearest",  # "nearest" | "bilinear" (laplacian mode)
+        standardize=True,  # per-channel standardization of each component with dataset statistics
+        stats_path="",  # JSON written by the latent cache / stats pass ("" = measure at start-up)
+        stats_batches=50,  # batches measured when stats_path is empty
+    ))
+
+    config.base = stage_config("DiT-XL/2", num_sampling_steps=250, guidance_scale=1.5)
+    config.residual = stage_config("DiT-B/2", num_sampling_steps=50, guidance_scale=1.5)
+    config.dit = stage_config("DiT-XL/2", num_sampling_steps=250, guidance_scale=1.5)
+    # Noise-conditioning augmentation of the residual stage's conditioning base (cascaded diffusion):
+    # during training the true base is noised to a random level in [0, max] (as a fraction of the
+    # 1000-step schedule), embedded like the timestep; at sampling time `sample_level` is used.
+    config.residual_cond = ml_collections.ConfigDict(dict(
+        noise_augment=True,
+        max_level=0.2,
+        sample_level=0.0,
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=256,  # global batch
+        num_steps=400_000,
+        learning_rate=1e-4,
+        warmup_steps=0,
+        weight_decay=0.0,
+        b1=0.9,
+        b2=0.999,
+        grad_clip=0.0,  # global-norm clipping; 0 disables
+        ema_decay=0.9999,
+        compute_dtype="float32",  # "bfloat16" for bf16 compute with fp32 params
+        remat=False,
+        log_every=100,
+        checkpoint_every=5000,
+        keep_checkpoints=3,
+        sample_every=20_000,  # EMA sample grid; 0 disables
+        sample_grid_size=16,
+        eval_every=0,  # in-training FID / SWD every K steps; 0 disables
+        profile=False,
+    ))
+
+    config.mesh = ml_collections.ConfigDict(dict(
+        shape=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
+        num_slices=1,  # multi-slice TPU: the data axis spans slices
+    ))
+
+    config.sample = ml_collections.ConfigDict(dict(
+        num_samples=50_000,
+        batch_size=64,  # global batch per sampling step
+        labels="balanced",  # "balanced" (N / num_classes per class) | "random"
+        outputs="npz,tfrecord,grid",
+        shard_size=1000,  # samples per TFRecord shard
+        base_checkpoint="",  # workdir or converted-weights file of the base stage
+        residual_checkpoint="",
+        dit_checkpoint="",
+        use_ema=True,
+    ))
+
+    config.eval = ml_collections.ConfigDict(dict(
+        metric="fid",  # "fid" | "swd"
+        inception_weights="",  # converted pytorch-fid Inception weights
+        reference="",  # ADM reference .npz, our saved stats .npz, or "" for the training set
+        samples="",  # .npz of samples to evaluate (sample's output by default)
+        num_samples=50_000,
+        batch_size=200,
+        precision_recall=False,
+    ))
+    return config
