@@ -6,7 +6,7 @@ setup(
     name="msf_jax",
     version="0.1.0",
     description="MSF (Multi-Scale Factorization): two-stage latent diffusion transformers in JAX/Flax.",
-    packages=find_packages(include=["msf_jax", "msf_jax.*"]),
+    packages=find_packages(include=["msf_jax", "msf_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",

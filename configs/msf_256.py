@@ -1,0 +1,15 @@
+"""MSF at 256x256 (32x32x4 SD-VAE latents): a DiT-XL/2 base at 16x16 and a DiT-B/2 residual at 32x32.
+
+Stage sizes, step split and guidance are our choices (the paper's body is not available): each is
+a field, so it can be ablated from the command line.
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.data.source = "latent_cache"
+    config.base.num_sampling_steps = 250
+    config.residual.num_sampling_steps = 50
+    return config
