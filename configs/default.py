@@ -45,8 +45,17 @@ def get_config() -> ml_collections.ConfigDict:
         image_size=256,
         num_classes=1000,
         random_flip=True,
-        num_workers=4,  # grain worker processes per host (0 = in-process)
-        shuffle_buffer=0,  # unused by grain's global shuffle; kept for tfds-only setups
+        num_workers=4,  # grain worker processes per host (0 = in-process); resume with the same value
+        read_threads=8,
+        min_image_side=0,  # images with a smaller side are skipped and counted (0 = image_size // 4)
+        train_split="train",
+        eval_split="validation",
+        tfds_image_key="image",
+        tfds_label_key="label",
+        tfds_manual_dir="",  # where imagenet2012's tar files are ("" = <data_dir>/downloads/manual)
+        tfds_prepare=False,  # build the tfds dataset (array_record) here if it is not prepared
+        synthetic_size=1 << 20,  # number of distinct training images of the synthetic set
+        synthetic_seed=0,  # decides the synthetic images themselves (config.seed orders and flips them)
     ))
     # "latent": SD-VAE latents (image_size / 8, 4 channels); "pixel": the factorizer applies to pixels.
     config.space = "latent"

@@ -1,0 +1,397 @@
+"""DiT (Scalable Diffusion Models with Transformers, Peebles & Xie 2023) in Flax NNX, plus MSF extensions.
+
+A faithful port of facebookresearch/DiT `models.py` (see DESIGN.md §4), NHWC throughout:
+
+  x (N,H,W,C) [+ cond (N,H,W,Cc)] -> patchify -> Linear(C'p², D) + fixed 2D sin-cos position embedding
+  c = t_emb(t) + y_emb(y) [+ noise_emb(cond_level)]
+  blocks: adaLN-Zero (attention + MLP, gated residuals) -> final adaLN layer -> unpatchify (N,H,W,C_out)
+
+MSF extensions: `cond_channels` (conditioning channels concatenated to the noisy input, e.g. the
+upsampled base for the residual stage) and `noise_cond` (a second timestep embedder for the level of
+the noise-conditioning augmentation applied to `cond`). Every parameter carries logical axis names from
+`msf_jax.axes` (metadata only; msf_jax.sharding places them).
+
+Parameter names follow the official checkpoint (x_embedder, t_embedder, y_embedder, blocks.N.attn.qkv,
+...), so that `msf_jax.convert.dit` is a list of renames and transposes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from msf_jax.axes import CLASSES, EMBED, FREQ, HEADS, MLP, OUT, PATCH
+
+FREQ_EMBED_SIZE = 256  # sinusoidal timestep features (DiT's frequency_embedding_size)
+LN_EPS = 1e-6
+
+# Initializers (DiT `initialize_weights`). nnx.Linear's own default kernel init is LeCun normal, so
+# every initializer below is stated explicitly.
+_xavier = nnx.initializers.xavier_uniform()  # DiT: xavier_uniform_ on every nn.Linear weight
+_zeros = nnx.initializers.zeros_init()  # DiT: every bias 0; adaLN / final outputs 0 (adaLN-Zero)
+_normal002 = nnx.initializers.normal(stddev=0.02)  # DiT: label table and timestep MLP weights
+
+
+def _linear(din: int, dout: int, axes: tuple[str, str], *, kernel_init=_xavier, dtype, param_dtype,
+            rngs: nnx.Rngs) -> nnx.Linear:
+    """nnx.Linear (kernel (din, dout), bias (dout,)) with logical axis names on both parameters."""
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                      kernel_init=nnx.with_partitioning(kernel_init, axes),
+                      bias_init=nnx.with_partitioning(_zeros, (axes[1],)))
+
+
+def _layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm without affine parameters (eps 1e-6), computed in float32, returned in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + LN_EPS)).astype(x.dtype)
+
+
+def _modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+# ------------------------------------------------------------------------------------------------
+# Embedding layers
+# ------------------------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: jax.Array, dim: int = FREQ_EMBED_SIZE, max_period: float = 10000.0,
+                       freq_shift: int = 0) -> jax.Array:
+    """Sinusoidal features [cos | sin] of (possibly fractional) timesteps: (N,) -> (N, dim) float32.
+
+    freq_shift = 0 is the official DiT convention (exponent / half); 1 is diffusers'
+    `downscale_freq_shift=1` (exponent / (half - 1)), kept only for parity tests against diffusers.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    args = jnp.asarray(t).astype(jnp.float32)[:, None] * freqs[None]  # (N, half)
+    emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb  # (N, dim)
+
+
+class TimestepEmbedder(nnx.Module):
+    """Embeds scalar timesteps (0..999 scale, int or float) into vectors: sin-cos -> Linear-SiLU-Linear."""
+
+    def __init__(self, hidden_size: int, *, freq_shift: int = 0, dtype, param_dtype, rngs: nnx.Rngs):
+        self.freq_shift = freq_shift
+        # DiT: nn.init.normal_(std=0.02) on both timestep-MLP weights (biases 0).
+        self.linear_1 = _linear(FREQ_EMBED_SIZE, hidden_size, (FREQ, MLP), kernel_init=_normal002,
+                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = _linear(hidden_size, hidden_size, (MLP, EMBED), kernel_init=_normal002,
+                                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        freq = timestep_embedding(t, FREQ_EMBED_SIZE, freq_shift=self.freq_shift)  # (N, 256)
+        return self.linear_2(nnx.silu(self.linear_1(freq)))  # (N, D)
+
+
+class LabelEmbedder(nnx.Module):
+    """Embeds class labels; with dropout > 0 the table has a null-class row (index num_classes) for CFG."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        use_cfg_embedding = int(dropout_prob > 0)
+        # DiT: nn.init.normal_(std=0.02) on the label table.
+        self.embedding_table = nnx.Embed(
+            num_classes + use_cfg_embedding, hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            embedding_init=nnx.with_partitioning(_normal002, (CLASSES, EMBED)))
+
+    def token_drop(self, labels: jax.Array, key: jax.Array) -> jax.Array:
+        """Replaces each label by the null class with probability dropout_prob."""
+        drop = jax.random.uniform(key, labels.shape) < self.dropout_prob
+        return jnp.where(drop, self.num_classes, labels)
+
+    def __call__(self, labels: jax.Array, drop_key: jax.Array | None = None) -> jax.Array:
+        if drop_key is not None and self.dropout_prob > 0:
+            labels = self.token_drop(labels, drop_key)
+        return self.embedding_table(labels)  # (N, D)
+
+
+@functools.lru_cache(maxsize=32)
+def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """Fixed 2D sin-cos position embedding, (grid_h*grid_w, embed_dim) float32, tokens row-major.
+
+    As in DiT (from MAE): the first half of the channels encodes the column (w) coordinate, the second
+    half the row (h); each half is [sin | cos] with omega_i = 1 / 10000^(i / (D/4)).
+    """
+    if embed_dim % 4:
+        raise ValueError(f"hidden_size must be divisible by 4 for the 2D sin-cos embedding, got {embed_dim}")
+    grid_w, grid_h = np.meshgrid(np.arange(grid_w, dtype=np.float32), np.arange(grid_h, dtype=np.float32))
+
+    def one_d(dim: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)  # (M, dim/2)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one_d(embed_dim // 2, grid_w), one_d(embed_dim // 2, grid_h)], axis=1)
+    return emb.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Core DiT model
+# ------------------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with a fused qkv projection (timm layout: [q | k | v], heads-major)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        # DiT: xavier_uniform_ on the fused qkv weight as one D x 3D matrix (fan_out = 3D).
+        self.qkv = _linear(hidden_size, 3 * hidden_size, (EMBED, HEADS), dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+        self.proj = _linear(hidden_size, hidden_size, (HEADS, EMBED), dtype=dtype, param_dtype=param_dtype,
+                            rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n, t, d = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(n, t, 3, h, d // h)  # (N, T, 3, H, Dh)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, Dh) each, compute dtype
+        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits * (d // h) ** -0.5, axis=-1)  # (N, H, T, T), float32 softmax
+        out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v)  # (N, T, H, Dh)
+        return self.proj(out.reshape(n, t, d))  # (N, T, D)
+
+
+class Mlp(nnx.Module):
+    """Linear - GELU (tanh approximation) - Linear."""
+
+    def __init__(self, hidden_size: int, mlp_hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.fc1 = _linear(hidden_size, mlp_hidden, (EMBED, MLP), dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+        self.fc2 = _linear(mlp_hidden, hidden_size, (MLP, EMBED), dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class DiTBlock(nnx.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        self.attn = Attention(hidden_size, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, param_dtype=param_dtype,
+                       rngs=rngs)
+        # DiT (adaLN-Zero): the modulation output layer starts at zero, so each block starts as identity.
+        self.adaLN_modulation = _linear(hidden_size, 6 * hidden_size, (EMBED, MLP), kernel_init=_zeros,
+                                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        mod = self.adaLN_modulation(nnx.silu(c))[:, None, :]  # (N, 1, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+        x = x + gate_msa * self.attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+        return x  # (N, T, D)
+
+
+class FinalLayer(nnx.Module):
+    """The final layer of DiT: adaLN (shift, scale) then Linear(D, p*p*C_out)."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        # DiT: zero-initialized modulation and output projection (the model predicts 0 at init).
+        self.adaLN_modulation = _linear(hidden_size, 2 * hidden_size, (EMBED, MLP), kernel_init=_zeros,
+                                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear = _linear(hidden_size, patch_size * patch_size * out_channels, (EMBED, OUT),
+                              kernel_init=_zeros, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
+        shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c))[:, None, :], 2, axis=-1)  # (N, 1, D)
+        return self.linear(_modulate(_layer_norm(x), shift, scale))  # (N, T, p*p*C_out)
+
+
+def _block_forward(block: DiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
+    return block(x, c)
+
+
+_block_forward_remat = nnx.remat(_block_forward)
+
+
+class DiT(nnx.Module):
+    """Diffusion model with a Transformer backbone (NHWC), with MSF conditioning extensions."""
+
+    def __init__(self, *, input_size: int, patch_size: int, in_channels: int, hidden_size: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
+                 num_classes: int = 1000, learn_sigma: bool = True, cond_channels: int = 0,
+                 noise_cond: bool = False, timestep_freq_shift: int = 0, dtype: Any = jnp.float32,
+                 param_dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} not divisible by patch_size {patch_size}")
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.class_dropout_prob = class_dropout_prob
+        self.num_classes = num_classes
+        self.learn_sigma = learn_sigma
+        self.cond_channels = cond_channels
+        self.noise_cond = noise_cond
+        self.timestep_freq_shift = timestep_freq_shift
+        self.dtype = dtype
+        self.remat = remat
+
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        patch_dim = (in_channels + cond_channels) * patch_size * patch_size
+        # Patch embedding: a stride-p conv == Linear over flattened (p, q, c) patches; kernel (p*p*C', D) is
+        # the conv's HWIO kernel reshaped. DiT: xavier_uniform_ on the conv weight viewed as D x (C'p²).
+        self.x_embedder = _linear(patch_dim, hidden_size, (PATCH, EMBED), **kw)
+        self.t_embedder = TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, **kw)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob, **kw)
+        # MSF: embeds the noise level of the conditioning input like a timestep (same init as t_embedder).
+        self.noise_embedder = (TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, **kw)
+                               if noise_cond else None)
+        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, **kw) for _ in range(depth)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, **kw)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """Constructor kwargs (ints/floats/bools; no dtype, no rngs): DiT(**config, rngs=...) rebuilds it."""
+        return dict(input_size=self.input_size, patch_size=self.patch_size, in_channels=self.in_channels,
+                    hidden_size=self.hidden_size, depth=self.depth, num_heads=self.num_heads,
+                    mlp_ratio=float(self.mlp_ratio), class_dropout_prob=float(self.class_dropout_prob),
+                    num_classes=self.num_classes, learn_sigma=self.learn_sigma,
+                    cond_channels=self.cond_channels, noise_cond=self.noise_cond,
+                    timestep_freq_shift=self.timestep_freq_shift)
+
+    def patchify(self, x: jax.Array) -> jax.Array:
+        """(N, H, W, C) -> (N, T, p*p*C), tokens row-major, features in (p, q, c) order."""
+        n, hh, ww, ch = x.shape
+        p = self.patch_size
+        x = x.reshape(n, hh // p, p, ww // p, p, ch).transpose(0, 1, 3, 2, 4, 5)  # (N, h, w, p, q, C)
+        return x.reshape(n, (hh // p) * (ww // p), p * p * ch)
+
+    def unpatchify(self, x: jax.Array, h: int, w: int) -> jax.Array:
+        """(N, T, p*p*C_out) -> (N, h*p, w*p, C_out)."""
+        p, c = self.patch_size, self.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)  # (N, h, p, w, q, C)
+        return x.reshape(x.shape[0], h * p, w * p, c)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, cond: jax.Array | None = None,
+                 cond_level: jax.Array | None = None, *, label_drop_key: jax.Array | None = None) -> jax.Array:
+        """x (N,H,W,C); t (N,) 0..999 timesteps; y (N,) labels (num_classes = null class);
+        cond (N,H,W,cond_channels); cond_level (N,) in [0, 1000) (iff noise_cond);
+        label_drop_key: PRNG key to drop labels with prob class_dropout_prob (training), None for none.
+        Returns (N,H,W,out_channels) float32 ([eps | variance interpolation] when learn_sigma)."""
+        n, hh, ww, ch = x.shape
+        p = self.patch_size
+        if ch != self.in_channels:
+            raise ValueError(f"DiT expects {self.in_channels} input channels, got {ch}")
+        if hh % p or ww % p:
+            raise ValueError(f"input {hh}x{ww} not divisible by patch size {p}")
+        if self.cond_channels:
+            if cond is None or cond.shape != (n, hh, ww, self.cond_channels):
+                raise ValueError(f"cond of shape {(n, hh, ww, self.cond_channels)} required, got "
+                                 f"{None if cond is None else cond.shape}")
+            x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)  # (N, H, W, C + Cc)
+        elif cond is not None:
+            raise ValueError("cond given but the model has cond_channels=0")
+        if self.noise_cond != (cond_level is not None):
+            raise ValueError("cond_level is required iff the model has noise_cond=True")
+
+        h, w = hh // p, ww // p
+        pos = jnp.asarray(get_2d_sincos_pos_embed(self.hidden_size, h, w))  # (T, D), fixed
+        x = self.x_embedder(self.patchify(x.astype(self.dtype))) + pos.astype(self.dtype)  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, label_drop_key)  # (N, D)
+        if self.noise_embedder is not None:
+            c = c + self.noise_embedder(cond_level)
+        c = c.astype(self.dtype)
+        block_fn = _block_forward_remat if self.remat else _block_forward
+        for block in self.blocks:
+            x = block_fn(block, x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p*p*C_out)
+        return self.unpatchify(x, h, w).astype(jnp.float32)  # (N, H, W, C_out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------
+
+_SIZES = {"S": dict(depth=12, hidden_size=384, num_heads=6),
+          "B": dict(depth=12, hidden_size=768, num_heads=12),
+          "L": dict(depth=24, hidden_size=1024, num_heads=16),
+          "XL": dict(depth=28, hidden_size=1152, num_heads=16)}
+DIT_CONFIGS: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{p}": dict(**arch, patch_size=p) for size, arch in _SIZES.items() for p in (2, 4, 8)}
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default) if hasattr(cfg, name) else default
+
+
+def dit_from_config(model_cfg: Any, *, input_size: int, in_channels: int, num_classes: int,
+                    cond_channels: int = 0, noise_cond: bool = False, dtype: Any = jnp.float32,
+                    remat: bool = False, rngs: nnx.Rngs) -> DiT:
+    """Builds a DiT from a config (ConfigDict or dict).
+
+    Fields: name (a DIT_CONFIGS key, or "custom"/"" to give every size field), depth, hidden_size,
+    num_heads, patch_size (each 0/None = the registry value), mlp_ratio (4), class_dropout_prob (0.1),
+    learn_sigma (True). param_dtype is always float32.
+    """
+    name = _get(model_cfg, "name", "") or "custom"
+    if name in DIT_CONFIGS:
+        arch = dict(DIT_CONFIGS[name])
+    elif name == "custom":
+        arch = {}
+    else:
+        raise ValueError(f"unknown DiT model {name!r}; valid names: {', '.join(DIT_CONFIGS)} (or 'custom')")
+    for field in ("depth", "hidden_size", "num_heads", "patch_size"):
+        value = _get(model_cfg, field, 0)
+        if value:
+            arch[field] = int(value)
+        elif field not in arch:
+            raise ValueError(f"model config {name!r}: {field} must be set (no registry value)")
+    mlp_ratio = _get(model_cfg, "mlp_ratio", None)
+    dropout = _get(model_cfg, "class_dropout_prob", None)
+    learn_sigma = _get(model_cfg, "learn_sigma", None)
+    return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+               mlp_ratio=4.0 if mlp_ratio is None else float(mlp_ratio),
+               class_dropout_prob=0.1 if dropout is None else float(dropout),
+               learn_sigma=True if learn_sigma is None else bool(learn_sigma),
+               cond_channels=cond_channels, noise_cond=noise_cond, dtype=dtype, remat=remat, rngs=rngs,
+               **arch)
+
+
+def dit_flops_per_example(model: DiT | Mapping[str, Any]) -> float:
+    """Forward FLOPs per example (2 per multiply-add; matmuls and attention, not elementwise ops).
+
+    Accepts a DiT or its constructor kwargs (`DiT.config`). Training step ~ 3x this (forward + backward).
+    """
+    cfg = model.config if isinstance(model, DiT) else dict(model)
+    d, p, depth = cfg["hidden_size"], cfg["patch_size"], cfg["depth"]
+    tokens = (cfg["input_size"] // p) ** 2
+    c_in = cfg["in_channels"] + cfg.get("cond_channels", 0)
+    c_out = cfg["in_channels"] * (2 if cfg.get("learn_sigma", True) else 1)
+    mlp = int(d * cfg.get("mlp_ratio", 4.0))
+    per_block = (2 * tokens * d * 3 * d  # qkv
+                 + 2 * 2 * tokens * tokens * d  # q k^T and attn @ v
+                 + 2 * tokens * d * d  # attention output projection
+                 + 2 * 2 * tokens * d * mlp  # fc1, fc2
+                 + 2 * d * 6 * d)  # adaLN modulation (per example)
+    n_embedders = 2 if cfg.get("noise_cond", False) else 1
+    embed = (2 * tokens * c_in * p * p * d  # patch embedding
+             + n_embedders * (2 * FREQ_EMBED_SIZE * d + 2 * d * d))  # timestep MLP(s)
+    final = 2 * d * 2 * d + 2 * tokens * d * p * p * c_out
+    return float(depth * per_block + embed + final)
