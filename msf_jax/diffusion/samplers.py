@@ -1,0 +1,205 @@
+"""Samplers, each one `jax.lax.scan` over its steps: DDPM and DDIM (Gaussian, respaced schedule), Euler
+and Heun (flow, t from 1 to 0), with classifier-free guidance in one batched model call.
+
+Randomness is per sample: sample i draws its initial noise from `fold_in(key_i, 0)` and the noise of
+scan step j (0-based, in sampling order) from `fold_in(key_i, j + 1)`, so sample i is the same whatever
+batch it is generated in. `sample_keys` are (N,) typed keys or (N, 2) uint32 raw keys.
+
+The single step function is exposed (`make_plan(...).step`) so a plain Python loop over it can be
+compared with the scan. Everything static (process, sampler, step count, guidance scale/channels) is a
+Python value; the caller jits `sample` with those closed over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msf_jax.diffusion import SAMPLERS
+from msf_jax.diffusion.flow import FlowMatching
+from msf_jax.diffusion.gaussian import GaussianDiffusion
+
+
+# ---------------------------------------------------------------------------------------------------
+# Noise and guidance
+# ---------------------------------------------------------------------------------------------------
+def initial_noise(sample_keys, shape_hwc):
+    """(N, H, W, C) float32: sample i ~ normal(fold_in(key_i, 0))."""
+    shape = tuple(shape_hwc)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape, jnp.float32))(sample_keys)
+
+
+def step_noise(sample_keys, step, shape_hwc):
+    """(N, H, W, C) float32 noise of scan step `step` (may be traced): normal(fold_in(key_i, step + 1))."""
+    shape = tuple(shape_hwc)
+    return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step + 1), shape, jnp.float32)
+                    )(sample_keys)
+
+
+def _is_one(scale) -> bool:
+    return isinstance(scale, (int, float, np.floating, np.integer)) and float(scale) == 1.0
+
+
+def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000):
+    """Classifier-free guidance as a model function with the same signature.
+
+    The batch is doubled to [cond; uncond] (uncond: label `null_class`; `cond`/`cond_level` images are
+    kept in both halves) for ONE model call, then `out = uncond + s * (cond - uncond)` on the first
+    `guidance_channels` channels (0: all C prediction channels); the remaining channels (DiT: the 4th
+    latent channel; learned-sigma channels) come from the conditional half. Scale 1 returns
+    `model_fn` itself (no doubling).
+    """
+    if _is_one(guidance_scale):
+        return model_fn
+
+    def fn(x, t, y, cond=None, cond_level=None):
+        n, c = x.shape[0], x.shape[-1]
+        k = guidance_channels if guidance_channels > 0 else c
+        if k > c:
+            raise ValueError(f"guidance_channels={guidance_channels} exceeds the {c} data channels")
+        dup = lambda a: None if a is None else jnp.concatenate([a, a], axis=0)
+        y2 = jnp.concatenate([y, jnp.full_like(y, null_class)], axis=0)
+        out = model_fn(dup(x), dup(t), y2, dup(cond), dup(cond_level))
+        c_out, u_out = out[:n], out[n:]
+        guided = u_out[..., :k] + guidance_scale * (c_out[..., :k] - u_out[..., :k])
+        return jnp.concatenate([guided.astype(c_out.dtype), c_out[..., k:]], axis=-1)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step functions
+# ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A sampler: `x_next = step(model_fn, x, xs_i, sample_keys, y, cond, cond_level)` scanned over `xs`.
+
+    `xs` is a dict of per-step arrays with leading dimension `num_steps`; `xs["i"]` is the step number.
+    """
+
+    step: Callable
+    xs: dict
+    num_steps: int
+    process: object  # the (respaced) process the steps run on
+
+
+def _bcast(v, x):
+    return jnp.asarray(v, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0) -> Plan:
+    """The step function and per-step inputs of `sampler` on `process` with `num_steps` steps."""
+    num_steps = int(num_steps)
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    kind = getattr(process, "kind", None)
+    if kind not in SAMPLERS or sampler not in SAMPLERS[kind]:
+        raise ValueError(f"sampler {sampler!r} does not apply to process {process!r}; "
+                         f"valid: {SAMPLERS.get(kind)}")
+    steps = jnp.arange(num_steps, dtype=jnp.int32)
+
+    if isinstance(process, GaussianDiffusion):
+        spaced = process.respace(num_steps)
+        xs = dict(i=steps, t=jnp.arange(num_steps - 1, -1, -1, dtype=jnp.int32))  # T'-1 ... 0
+
+        if sampler == "ddpm":
+            def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
+                t = jnp.full((x.shape[0],), xs_i["t"], jnp.int32)
+                out = model_fn(x, spaced.model_timesteps(t), y, cond, cond_level)
+                pm = spaced.p_mean_variance(out, x, t)
+                noise = step_noise(sample_keys, xs_i["i"], x.shape[1:])
+                nonzero = _bcast(t != 0, x)  # no noise at the last step
+                return pm["mean"] + nonzero * jnp.exp(0.5 * pm["log_variance"]) * noise
+        else:  # ddim
+            eta = float(eta)
+
+            def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
+                t = jnp.full((x.shape[0],), xs_i["t"], jnp.int32)
+                out = model_fn(x, spaced.model_timesteps(t), y, cond, cond_level)
+                pm = spaced.p_mean_variance(out, x, t)
+                eps = spaced.predict_eps_from_xstart(x, t, pm["pred_xstart"])
+                ab = spaced._extract(spaced.alphas_cumprod, t, x.ndim)
+                ab_prev = spaced._extract(spaced.alphas_cumprod_prev, t, x.ndim)
+                sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab)) * jnp.sqrt(1 - ab / ab_prev)
+                x_next = pm["pred_xstart"] * jnp.sqrt(ab_prev) + jnp.sqrt(1 - ab_prev - sigma ** 2) * eps
+                if eta == 0.0:
+                    return x_next
+                noise = step_noise(sample_keys, xs_i["i"], x.shape[1:])
+                return x_next + _bcast(t != 0, x) * sigma * noise
+        return Plan(step, xs, num_steps, spaced)
+
+    if isinstance(process, FlowMatching):
+        ts = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+        xs = dict(i=steps, t=jnp.asarray(ts[:-1], jnp.float32), t_next=jnp.asarray(ts[1:], jnp.float32))
+
+        def velocity(model_fn, x, t, y, cond, cond_level):
+            tt = jnp.full((x.shape[0],), t, jnp.float32)
+            out = model_fn(x, process.model_timesteps(tt), y, cond, cond_level)
+            return out[..., :x.shape[-1]].astype(jnp.float32)  # extra (sigma) channels ignored
+
+        if sampler == "euler":
+            def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
+                v = velocity(model_fn, x, xs_i["t"], y, cond, cond_level)
+                return x + (xs_i["t_next"] - xs_i["t"]) * v
+        else:  # heun; the last step (t_next == 0) is an Euler step
+            def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
+                h = xs_i["t_next"] - xs_i["t"]
+                v = velocity(model_fn, x, xs_i["t"], y, cond, cond_level)
+                x_euler = x + h * v
+
+                def correct(x_euler):
+                    v2 = velocity(model_fn, x_euler, xs_i["t_next"], y, cond, cond_level)
+                    return x + 0.5 * h * (v + v2)
+
+                return jax.lax.cond(xs_i["t_next"] > 0, correct, lambda xe: xe, x_euler)
+        return Plan(step, xs, num_steps, process)
+
+    raise TypeError(f"unknown process {process!r}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sampler
+# ---------------------------------------------------------------------------------------------------
+def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
+           guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
+           cond_level=None, eta: float = 0.0):
+    """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun").
+
+    model_fn(x, t, y, cond, cond_level) -> out (see msf_jax.diffusion). `labels` (N,) int; `cond` an
+    (N, h, w, c) conditioning image or None; `cond_level` None, a scalar or (N,) passed to the model
+    as (N,) float32. A Gaussian process is respaced to `num_steps` (DiT: `create_diffusion(str(K))`).
+    """
+    labels = jnp.asarray(labels, jnp.int32)
+    n = labels.shape[0]
+    if sample_keys.shape[0] != n:
+        raise ValueError(f"need one key per label: {sample_keys.shape[0]} keys, {n} labels")
+    if cond_level is not None:
+        cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (n,))
+    plan = make_plan(process, sampler, num_steps, eta)
+    model = guided_model(model_fn, guidance_scale, guidance_channels, null_class)
+    x = initial_noise(sample_keys, shape_hwc)
+
+    def body(x, xs_i):
+        return plan.step(model, x, xs_i, sample_keys, labels, cond, cond_level), None
+
+    x, _ = jax.lax.scan(body, x, plan.xs)
+    return x
+
+
+def sample_loop(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
+                guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
+                cond_level=None, eta: float = 0.0):
+    """`sample` with a plain Python loop over the same step function (for tests and debugging)."""
+    labels = jnp.asarray(labels, jnp.int32)
+    if cond_level is not None:
+        cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (labels.shape[0],))
+    plan = make_plan(process, sampler, num_steps, eta)
+    model = guided_model(model_fn, guidance_scale, guidance_channels, null_class)
+    x = initial_noise(sample_keys, shape_hwc)
+    for j in range(plan.num_steps):
+        x = plan.step(model, x, jax.tree.map(lambda a: a[j], plan.xs), sample_keys, labels, cond, cond_level)
+    return x
