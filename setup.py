@@ -18,6 +18,7 @@ setup(
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9",
         "tensorflow-cpu>=2.18",  # TFRecord writing and clu's TensorBoard writer
+        "tensorboard",  # clu's metric writer
         "array-record>=0.8",
         "safetensors>=0.4",
         "absl-py",

@@ -1,0 +1,113 @@
+"""Orbax checkpoints of a training run: train state, data-iterator state and the config.
+
+One `CheckpointManager` under `workdir/checkpoints`. Saving is atomic (orbax writes to a temporary
+directory and renames), so a run killed mid-save leaves the previous checkpoint intact. Restoring
+checks that the checkpoint was written for the same model before touching the arrays, so a
+mismatch is one line naming the differing settings rather than a shape error deep inside orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+# Settings that must agree between a checkpoint and the run restoring it.
+_MODEL_KEYS = ("stage", "space", "data.image_size", "data.num_classes", "factorizer.mode",
+               "factorizer.factor", "factorizer.levels")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in workdir was written for a different model."""
+
+
+def _get(config_dict: dict, dotted: str):
+    node = config_dict
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _model_signature(config_dict: dict) -> dict:
+    stage = config_dict.get("stage")
+    sig = {k: _get(config_dict, k) for k in _MODEL_KEYS}
+    if stage:
+        for k, v in (_get(config_dict, f"{stage}.model") or {}).items():
+            sig[f"{stage}.model.{k}"] = v
+    return sig
+
+
+class RunCheckpointer:
+    """Saves and restores {state, data iterator, config} for one training run."""
+
+    def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data", "config"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=async_save))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def reached_preemption(self, step: int) -> bool:
+        return self.manager.reached_preemption(step)
+
+    def save(self, step: int, state: Any, data_iterator, config_dict: dict, *, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            config=ocp.args.JsonSave(config_dict)), force=force)
+
+    def restore(self, abstract_state: Any, data_iterator, config_dict: dict, step: int | None = None):
+        """Restores state (into the abstract state's shardings) and, if given, the data iterator in place.
+
+        Returns (step, state). Raises CheckpointMismatchError, naming the settings, for another model.
+        """
+        step = self.latest_step() if step is None else step
+        saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        mine, theirs = _model_signature(config_dict), _model_signature(saved)
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if diff:
+            details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}" for k in diff)
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} was written for a different model ({details})")
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory}/{step} does not fit this model: {first}") from None
+        return step, restored["state"]
+
+    def restore_state(self, abstract_state: Any, config_dict: dict, step: int | None = None) -> Any:
+        """The train state alone (for sampling and evaluation)."""
+        return self.restore(abstract_state, None, config_dict, step)[1]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def config_to_dict(config) -> dict:
+    """A JSON-safe dict of an ml_collections config (tuples become lists)."""
+    return json.loads(config.to_json())
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

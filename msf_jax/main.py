@@ -1,0 +1,92 @@
+"""Entry point: `python -m msf_jax.main --mode=MODE --config=configs/X.py [--config.key=value] --workdir=DIR`.
+
+Modes: train | sample | evaluate | extract_latents | demo. The console script `msf-jax` runs the same.
+All logic lives in importable modules; this file parses flags and turns expected failures (bad
+config, missing data, mismatched checkpoint, NaN loss) into one-line errors.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+MODES = ("train", "sample", "evaluate", "extract_latents", "demo")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+_MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+
+
+def _run_mode(mode: str, config, workdir: str) -> None:
+    if mode == "train":
+        from msf_jax import train
+
+        summary = train.train_and_evaluate(config, workdir)
+        logging.info("Stopped at step %d (%s)", summary["step"],
+                     "preempted" if summary["preempted"] else "done")
+    elif mode == "sample":
+        from msf_jax import sample
+
+        sample.sample_to_files(config, workdir)
+    elif mode == "evaluate":
+        from msf_jax import evaluate
+
+        results = evaluate.evaluate_from_config(config, workdir)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
+    elif mode == "extract_latents":
+        from msf_jax import latent_cache
+
+        latent_cache.extract_latents(config, workdir)
+    elif mode == "demo":
+        from msf_jax import demo
+
+        demo.run_demo(config, workdir)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if config is None:
+        from msf_jax import demo  # `--mode=demo` without --config uses the demo config
+
+        if _MODE.value != "demo":
+            raise app.UsageError("--config is required (e.g. --config=configs/default.py)")
+        config = demo.default_demo_config()
+    workdir = _WORKDIR.value or ("demo_out" if _MODE.value == "demo" else None)
+    if not workdir:
+        raise app.UsageError("--workdir is required")
+    try:
+        _run_mode(_MODE.value, config, workdir)
+    except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
+        # Expected failures (bad settings, missing files, mismatched checkpoints, NaN loss):
+        # one line, no traceback. Set MSF_JAX_TRACEBACK=1 to see where they came from.
+        if os.environ.get("MSF_JAX_TRACEBACK"):
+            raise
+        print(f"msf_jax: error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run() -> None:
+    """Console-script entry point (`msf-jax`)."""
+    app.run(main, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, ValueError) as e:
+        # A typo in --config.key=value or a bad flag: one line, not a traceback.
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        message = str(message).replace("\\'", "'").replace("\\n", " ")
+        message = " ".join(message.replace("'", "").split()).replace(" Did you mean", ". Did you mean")
+        print(f"msf_jax: error: bad flag or config override: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

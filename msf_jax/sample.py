@@ -1,0 +1,264 @@
+"""Sampling at scale: `--mode=sample` draws N images from a two-stage MSF or a single-stage DiT.
+
+Sample i is a pure function of (config.seed, i): its label and noise derive from the index alone, so
+its image does not depend on the batch size, the device count or restarts. Work is split into shards
+of `sample.shard_size` indices, assigned round-robin to hosts; a finished shard is written atomically
+(TFRecord and a part `.npz`), so a killed run, rerun, skips finished shards and redoes the rest:
+exactly N samples, none twice, no truncated file. Outputs under `workdir/samples/`:
+  shard-XXXXX-of-YYYYY.tfrecord   tf.train.Example{image PNG, label, index, seed}
+  samples_NxHxWx3.npz             ADM evaluator input (arr_0 uint8 images, arr_1 labels)
+  grid.png                        the first 64 samples
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from msf_jax import outputs, stages
+from msf_jax.factorize import Factorizer, FactorStats
+from msf_jax.pipeline import sample_dit, sample_msf
+from msf_jax.progress import Progress
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-index labels and keys
+# ----------------------------------------------------------------------------------------------
+def labels_for_indices(indices: np.ndarray, num_classes: int, mode: str, seed: int) -> np.ndarray:
+    """`balanced`: label = index mod num_classes (N / num_classes each); `random`: a hash of (seed, index)."""
+    indices = np.asarray(indices, np.int64)
+    if mode == "balanced":
+        return (indices % num_classes).astype(np.int32)
+    if mode == "random":
+        rng = [np.random.default_rng([seed, 7919, int(i)]) for i in indices]
+        return np.array([r.integers(num_classes) for r in rng], np.int32)
+    raise ValueError(f"sample.labels must be 'balanced' or 'random', got {mode!r}")
+
+
+def sample_keys(seed: int, indices) -> jax.Array:
+    """(N,) typed keys: fold_in(key(seed), index)."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading models
+# ----------------------------------------------------------------------------------------------
+def load_stage_model(config, stage: str, source: str, *, use_ema: bool = True) -> nnx.Module:
+    """A stage's DiT from a training workdir (orbax, EMA params) or a converted `.safetensors` file."""
+    if not source:
+        raise ValueError(f"sample.{stage}_checkpoint is empty: give a training workdir or converted weights")
+    if source.endswith(".safetensors"):
+        from msf_jax.convert.dit import load_dit
+
+        return load_dit(source)
+    from msf_jax import checkpoint as ckpt_lib
+    from msf_jax import sharding
+    from msf_jax.train import Trainer
+
+    stage_config = config.copy_and_resolve_references()
+    with stage_config.unlocked():
+        stage_config.stage = stage
+    stats = load_stats(config, source)
+    mesh = sharding.create_mesh(stage_config.mesh)
+    trainer = Trainer(stage_config, mesh, stats)
+    checkpointer = ckpt_lib.RunCheckpointer(source)
+    if checkpointer.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {source}/checkpoints for stage {stage!r}")
+    state = checkpointer.restore_state(trainer.abstract_state, ckpt_lib.config_to_dict(stage_config))
+    checkpointer.close()
+    return nnx.merge(trainer.graphdef, state["ema" if use_ema else "params"], state["rest"])
+
+
+def load_stats(config, workdir: str | None = None) -> FactorStats | None:
+    """Factorizer statistics: config.factorizer.stats_path, else `factor_stats.json` in a workdir."""
+    if not config.factorizer.standardize:
+        return None
+    candidates = [config.factorizer.stats_path] + ([os.path.join(workdir, "factor_stats.json")] if workdir else [])
+    for path in candidates:
+        if path and os.path.exists(path):
+            return FactorStats.load(path)
+    raise FileNotFoundError(f"factorizer statistics not found (looked at {[c for c in candidates if c]})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator: indices -> uint8 images
+# ----------------------------------------------------------------------------------------------
+class Generator:
+    """Jitted two-stage (base + residual) or single-stage sampler with decoding to uint8 images."""
+
+    def __init__(self, config, models: dict[str, nnx.Module], factorizer: Factorizer | None,
+                 decode: Callable[[jax.Array], jax.Array] | None = None, mesh: Mesh | None = None):
+        self.config = config
+        self.two_stage = "base" in models
+        self.shape = stages.data_shape(config)
+        self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
+        self.num_devices = self.mesh.devices.size
+        graphdefs, states = {}, {}
+        for name, model in models.items():
+            graphdefs[name], states[name] = nnx.split(model)
+        replicated = NamedSharding(self.mesh, P())
+        self.states = jax.device_put(states, replicated)
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        num_classes = config.data.num_classes
+        cond_level = (config.residual_cond.sample_level * stages.COND_NOISE_STEPS
+                      if config.residual_cond.noise_augment else None)
+        decode = decode or pixels_to_uint8
+
+        def generate(states, labels, keys):
+            fns = {k: stages.model_function(nnx.merge(graphdefs[k], states[k])) for k in graphdefs}
+            if self.two_stage:
+                z = sample_msf(fns["base"], fns["residual"], factorizer, config.base, config.residual,
+                               self.shape, labels, keys, num_classes, cond_level=cond_level)
+            else:
+                z = sample_dit(fns["dit"], config.dit, self.shape, labels, keys, num_classes)
+            return decode(z)
+
+        self._generate = jax.jit(generate, out_shardings=self.batch_sharding)
+
+    def __call__(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """uint8 (N,H,W,3) images of the given sample indices and labels."""
+        n = len(indices)
+        padded = -(-n // self.num_devices) * self.num_devices  # a multiple of the device count
+        idx = np.concatenate([indices, np.full(padded - n, indices[-1])]).astype(np.int64)
+        lab = np.concatenate([labels, np.full(padded - n, labels[-1])]).astype(np.int32)
+        keys = sample_keys(self.config.seed, idx)
+        lab = jax.device_put(lab, self.batch_sharding)
+        keys = jax.device_put(keys, self.batch_sharding)
+        return np.asarray(jax.device_get(self._generate(self.states, lab, keys)))[:n]
+
+
+def pixels_to_uint8(x: jax.Array) -> jax.Array:
+    """[-1, 1] float images -> uint8, as DiT's sampler (round of 127.5 x + 128, clipped)."""
+    return jnp.clip(jnp.round(127.5 * x + 128.0), 0, 255).astype(jnp.uint8)
+
+
+def make_decoder(config) -> Callable[[jax.Array], jax.Array]:
+    """z -> uint8 images: identity for pixel space, the SD-VAE decoder for latent space."""
+    if config.space == "pixel":
+        return pixels_to_uint8
+    if not config.vae.weights:
+        raise ValueError("space='latent' needs vae.weights (python -m msf_jax.convert vae ...) to decode")
+    from msf_jax.models.vae import decode_latents, load_vae
+
+    vae = load_vae(config.vae.weights)
+    graphdef, state = nnx.split(vae)
+    scaling = config.vae.scaling_factor
+    return lambda z: pixels_to_uint8(decode_latents(nnx.merge(graphdef, state), z, scaling))
+
+
+def make_generator(config) -> Generator:
+    """Loads the configured checkpoints (two-stage when base and residual are given) and the decoder."""
+    sc = config.sample
+    if sc.base_checkpoint or sc.residual_checkpoint:
+        models = {"base": load_stage_model(config, "base", sc.base_checkpoint, use_ema=sc.use_ema),
+                  "residual": load_stage_model(config, "residual", sc.residual_checkpoint, use_ema=sc.use_ema)}
+        stats = load_stats(config, sc.base_checkpoint)
+        factorizer = Factorizer.from_config(config.factorizer, stats=stats)
+    else:
+        models = {"dit": load_stage_model(config, "dit", sc.dit_checkpoint, use_ema=sc.use_ema)}
+        factorizer = None
+    return Generator(config, models, factorizer, make_decoder(config))
+
+
+# ----------------------------------------------------------------------------------------------
+# --mode=sample
+# ----------------------------------------------------------------------------------------------
+def sample_to_files(config, workdir: str, generator: Generator | None = None) -> dict[str, Any]:
+    """Writes config.sample.num_samples samples as configured; resumable. Returns what it wrote."""
+    sc = config.sample
+    wanted = {o.strip() for o in sc.outputs.split(",") if o.strip()}
+    unknown = wanted - {"npz", "tfrecord", "grid"}
+    if unknown:
+        raise ValueError(f"sample.outputs: unknown output(s) {sorted(unknown)} (use npz, tfrecord, grid)")
+    out_dir = os.path.join(workdir, "samples")
+    parts_dir = os.path.join(out_dir, "parts")
+    os.makedirs(parts_dir, exist_ok=True)
+    n, shard = int(sc.num_samples), int(sc.shard_size)
+    num_shards = -(-n // shard)
+    mine = [s for s in range(num_shards) if s % jax.process_count() == jax.process_index()]
+    todo = [s for s in mine if not os.path.exists(_part_path(parts_dir, s))]
+    done_count = sum(min(shard, n - s * shard) for s in mine if s not in todo)
+    logging.info("Sampling %d images in %d shards (%d left on this host)", n, num_shards, len(todo))
+    generator = generator or make_generator(config)
+    progress = Progress(sum(min(shard, n - s * shard) for s in mine), "sampling", unit="img",
+                        initial=done_count)
+    for s in todo:
+        indices = np.arange(s * shard, min(n, (s + 1) * shard), dtype=np.int64)
+        labels = labels_for_indices(indices, config.data.num_classes, sc.labels, config.seed)
+        images = []
+        for start in range(0, len(indices), sc.batch_size):
+            images.append(generator(indices[start:start + sc.batch_size], labels[start:start + sc.batch_size]))
+            progress.update(len(images[-1]))
+        images = np.concatenate(images)
+        if "tfrecord" in wanted:
+            outputs.write_tfrecord_shard(os.path.join(out_dir, f"shard-{s:05d}-of-{num_shards:05d}.tfrecord"),
+                                         images, labels, indices, np.full(len(indices), config.seed))
+        outputs.save_part(_part_path(parts_dir, s), images, labels, indices)  # last: marks the shard done
+    progress.close()
+    written: dict[str, Any] = {"num_samples": n, "shards": num_shards}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("msf_jax_sampling_done")
+    if jax.process_index() == 0:
+        part_paths = [_part_path(parts_dir, s) for s in range(num_shards)]
+        with np.load(part_paths[0]) as first:
+            h, w, c = first["images"].shape[1:]
+        if "npz" in wanted:
+            path = os.path.join(out_dir, f"samples_{n}x{h}x{w}x{c}.npz")
+            if not os.path.exists(path):
+                outputs.write_adm_npz(path, part_paths, (n, h, w, c))
+            written["npz"] = path
+        if "grid" in wanted:
+            with np.load(part_paths[0]) as first:
+                grid_images = first["images"][:64]
+            written["grid"] = outputs.save_png(os.path.join(out_dir, "grid.png"),
+                                               outputs.image_grid(grid_images), upscale=max(1, 128 // h))
+        if "tfrecord" in wanted:
+            written["tfrecords"] = sorted(glob.glob(os.path.join(out_dir, "shard-*.tfrecord")))
+    return written
+
+
+def _part_path(parts_dir: str, shard: int) -> str:
+    return os.path.join(parts_dir, f"part-{shard:05d}.npz")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sample grids during training
+# ----------------------------------------------------------------------------------------------
+def training_grid(config, trainer, state, workdir: str, step: int) -> str | None:
+    """A grid of EMA samples of the stage being trained, one column per class (pixel space only,
+    or latent space with vae.weights). Base: the sampled base with a zero residual; residual: real bases
+    with sampled residuals; dit: full samples."""
+    if config.space != "pixel" and not config.vae.weights:
+        return None
+    num_classes = config.data.num_classes
+    cols = min(num_classes, 10)
+    n = cols * max(1, config.train.sample_grid_size // cols)
+    labels = np.arange(n) % cols
+    model_fn = stages.model_function(trainer.ema_model(state))
+    factorizer = trainer.factorizer
+    stage_cfg = config[trainer.stage]
+    keys = sample_keys(config.seed + 17, np.arange(n))
+    from msf_jax.pipeline import sample_stage
+
+    if trainer.stage == "dit":
+        z = sample_stage(model_fn, stage_cfg, trainer.spec.target_shape, labels, keys, num_classes)
+    elif trainer.stage == "base":
+        base = sample_stage(model_fn, stage_cfg, trainer.spec.target_shape, labels, keys, num_classes)
+        zero = jnp.zeros((n,) + tuple(factorizer.component_shapes(stages.data_shape(config))[1]))
+        z = factorizer.merge(base, zero)
+    else:
+        return None  # the residual stage's grid needs real bases: see the demo's two-stage grid
+    images = np.asarray(make_decoder(config)(z))
+    path = os.path.join(workdir, "grids", f"{trainer.stage}_step{step:07d}.png")
+    return outputs.save_png(path, outputs.image_grid(images, nrow=cols), upscale=max(1, 128 // images.shape[1]))

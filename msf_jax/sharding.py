@@ -1,0 +1,139 @@
+"""Device mesh, logical-axis rules, sharded initialization, and host-local <-> global batches.
+
+Models name their parameter axes logically (`msf_jax.axes`); one rule table maps those names onto
+the mesh axes (`data`, `fsdp`, `tensor`). The batch is split over (`data`, `fsdp`). The same code
+runs on one CPU, on simulated CPU devices, on a GPU cluster and on a multi-slice TPU pod.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from msf_jax import axes
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize()` when launched as one process of several.
+
+    Cloud TPU pods and SLURM/Open MPI GPU clusters are detected by JAX itself; the explicit
+    `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` variables work everywhere.
+    """
+    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
+    cluster = any(v in os.environ for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                                            "MEGASCALE_COORDINATOR_ADDRESS"))
+    if not (explicit or cluster) or jax.distributed.is_initialized():
+        return
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
+    else:
+        jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Replaces one -1 in `shape` by the remaining device count; checks the product."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(axes.MESH_AXES):
+        raise ValueError(f"mesh.shape must have {len(axes.MESH_AXES)} entries {axes.MESH_AXES}, got {shape}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh.shape may contain at most one -1, got {shape}")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(f"mesh.shape {shape}: {num_devices} devices are not divisible by {known}")
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ValueError(f"mesh.shape {shape} needs {math.prod(shape)} devices, but {num_devices} exist")
+    return shape
+
+
+def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh. With `num_slices` > 1 the data axis spans slices (DCN)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = resolve_mesh_shape(mesh_cfg.shape, len(devices))
+    num_slices = int(getattr(mesh_cfg, "num_slices", 1) or 1)
+    if num_slices > 1:
+        if shape[0] % num_slices:
+            raise ValueError(f"mesh: data axis {shape[0]} must be divisible by num_slices={num_slices}")
+        per_slice = (shape[0] // num_slices,) + shape[1:]
+        device_array = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devices)
+    else:
+        try:
+            device_array = mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            device_array = np.asarray(devices).reshape(shape)  # e.g. simulated CPU devices
+    return Mesh(device_array, axes.MESH_AXES)
+
+
+def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:
+    """The rule table: `config.mesh.rules` when a config sets it, else `axes.DEFAULT_RULES`."""
+    rules = getattr(getattr(config, "mesh", None), "rules", None) if config is not None else None
+    return tuple(tuple(r) for r in rules) if rules else axes.DEFAULT_RULES
+
+
+def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drops mesh axes from dimensions they do not divide (e.g. a 1001-row label table over 4)."""
+    fitted = []
+    for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        size = math.prod(mesh.shape[n] for n in names)
+        fitted.append(entry if names and dim % size == 0 else None)
+    return P(*fitted)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules=axes.DEFAULT_RULES) -> Any:
+    """NamedShardings for an (abstract) nnx.State, from its logical axis metadata and the rules."""
+    with nnx.logical_axis_rules(rules):
+        specs = nnx.get_partition_spec(abstract_state)
+
+    def to_sharding(spec, leaf):
+        value = leaf.value if isinstance(leaf, nnx.Variable) else leaf
+        spec = spec.value if isinstance(spec, nnx.Variable) else spec
+        return NamedSharding(mesh, _fit_spec(spec or P(), tuple(value.shape), mesh))
+
+    is_leaf = lambda x: isinstance(x, (nnx.Variable, P))  # noqa: E731
+    return jax.tree.map(to_sharding, specs, abstract_state, is_leaf=is_leaf)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) axis over (data, fsdp); the rest replicated."""
+    return NamedSharding(mesh, P(axes.BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Builds global arrays from each host's slice of the batch (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in local_batch.items()}
+
+
+def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=axes.DEFAULT_RULES):
+    """Creates a model directly in its sharded layout: no host holds a full copy of the parameters.
+
+    Returns (graphdef, state, shardings) where `state` is the nnx.State of every variable.
+    """
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    def init():
+        return nnx.split(make_model())[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef, state, shardings

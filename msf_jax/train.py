@@ -1,0 +1,274 @@
+"""Training: `train_and_evaluate(config, workdir)` for the base, residual or single-stage DiT model.
+
+The train state is a pytree {step, rng, params, ema, opt} whose arrays live sharded on the mesh
+(`sharding.py`); one jitted step with donated state does loss, gradient, AdamW and EMA. The loop
+around it restores from `workdir`, checkpoints (also on SIGTERM), logs clu metrics and writes
+periodic EMA sample grids.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers
+from flax import nnx
+
+from msf_jax import checkpoint as ckpt_lib
+from msf_jax import input_pipeline, sharding, stages
+from msf_jax.diffusion import make_process
+from msf_jax.factorize import Factorizer, FactorStats, compute_stats
+from msf_jax.models.dit import dit_flops_per_example
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; no checkpoint is written after it."""
+
+
+def create_optimizer(train_cfg) -> optax.GradientTransformation:
+    """AdamW (DiT: lr 1e-4, no weight decay) with optional linear warmup and global-norm clipping."""
+    lr = train_cfg.learning_rate
+    if train_cfg.warmup_steps > 0:
+        lr = optax.linear_schedule(0.0, lr, train_cfg.warmup_steps)
+    parts = []
+    if train_cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+    parts.append(optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
+    return optax.chain(*parts)
+
+
+def batch_to_z(config, batch: dict, key: jax.Array) -> jax.Array:
+    """The training target z (N,H,W,C): pixels, or a fresh posterior sample of a cached latent."""
+    if config.space == "pixel":
+        return batch["image"]
+    from msf_jax.models.vae import sample_latents  # the one place the VAE scaling factor is applied
+
+    return sample_latents(batch["mean"], batch["logvar"], key, config.vae.scaling_factor)
+
+
+class Trainer:
+    """Model, optimizer and jitted train step of one stage on one mesh."""
+
+    def __init__(self, config, mesh, stats: FactorStats | None):
+        self.config, self.mesh, self.stage = config, mesh, config.stage
+        self.factorizer = Factorizer.from_config(config.factorizer, stats=stats)
+        self.spec = stages.stage_spec(config, self.stage, self.factorizer)
+        self.process = make_process(config[self.stage])
+        self.tx = create_optimizer(config.train)
+        self.rules = sharding.logical_rules(config)
+        dtype = DTYPES[config.train.compute_dtype]
+        self._make_model = lambda: stages.build_model(config, self.stage, self.spec, seed=config.seed,
+                                                      dtype=dtype, remat=config.train.remat)
+        abstract_model = nnx.eval_shape(self._make_model)
+        self.graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+        self.flops_per_example = dit_flops_per_example(abstract_model)
+        self.abstract_state = jax.eval_shape(self._init_state)
+        self.state_shardings = sharding.state_shardings(self.abstract_state, mesh, self.rules)
+        self.batch_sharding = sharding.batch_sharding(mesh)
+        self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  out_shardings=(self.state_shardings, sharding.replicated(mesh)))
+
+    def _init_state(self) -> dict[str, Any]:
+        model = self._make_model()
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(self.config.seed)),
+                "params": params, "ema": jax.tree.map(jnp.copy, params), "opt": self.tx.init(params),
+                "rest": rest}
+
+    def init_state(self) -> dict[str, Any]:
+        """A freshly initialized state, created directly in its sharded layout."""
+        return self._init()
+
+    def _train_step(self, state: dict[str, Any], batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        k_z, k_stage, k_t, k_noise, k_drop = jax.random.split(key, 5)
+        z = batch_to_z(self.config, batch, k_z)
+        x0, cond, cond_level = stages.training_example(self.config, self.stage, self.factorizer, z, k_stage)
+        labels = batch["label"]
+        t = self.process.sample_timesteps(k_t, x0.shape[0])
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+
+        def loss_fn(params):
+            model = nnx.merge(self.graphdef, params, state["rest"])
+
+            def model_fn(x, tt, y, c=None, level=None):
+                return model(x, tt, y, cond=c, cond_level=level, label_drop_key=k_drop)
+
+            terms = self.process.training_losses(model_fn, x0, t, noise, labels, cond, cond_level)
+            return jnp.mean(terms["loss"]), {k: jnp.mean(v) for k, v in terms.items()}
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        decay = self.config.train.ema_decay
+        ema = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, state["ema"], params)
+        metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
+        return dict(state, step=state["step"] + 1, params=params, ema=ema, opt=opt), metrics
+
+    def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        keep = {k: v for k, v in local_batch.items() if k in ("image", "label", "mean", "logvar")}
+        return sharding.global_batch(keep, self.mesh)
+
+    def ema_model(self, state: dict[str, Any]) -> nnx.Module:
+        return nnx.merge(self.graphdef, state["ema"], state["rest"])
+
+
+def measure_stats(config, factorizer: Factorizer, num_batches: int) -> FactorStats:
+    """Per-channel statistics of every factorizer component over `num_batches` training batches."""
+    it = input_pipeline.create_train_iterator(config.data, global_batch_size=config.train.batch_size,
+                                              seed=config.seed + 1)
+    key = jax.random.key(config.seed + 1)
+
+    def batches():
+        for i in range(num_batches):
+            batch = next(it)
+            yield np.asarray(batch_to_z(config, {k: jnp.asarray(v) for k, v in batch.items()
+                                                 if k in ("image", "mean", "logvar")},
+                                        jax.random.fold_in(key, i)))
+
+    return compute_stats(batches(), factorizer)
+
+
+def load_or_measure_stats(config, workdir: str) -> FactorStats | None:
+    """Factorizer statistics: from config.factorizer.stats_path, from workdir, or measured now."""
+    if not config.factorizer.standardize:
+        return None
+    path = config.factorizer.stats_path or os.path.join(workdir, "factor_stats.json")
+    if os.path.exists(path):
+        return FactorStats.load(path)
+    if config.factorizer.stats_path:
+        raise FileNotFoundError(f"factorizer.stats_path {path} does not exist")
+    logging.info("Measuring factorizer statistics over %d batches", config.factorizer.stats_batches)
+    stats = measure_stats(config, Factorizer.from_config(config.factorizer), config.factorizer.stats_batches)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        stats.save(path)
+    return stats
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self):
+        def handler(signum, frame):
+            del signum, frame
+            self.raised = True
+
+        try:
+            self._previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]:
+    """Trains `config.stage` for `config.train.num_steps` steps in `workdir`, resuming if possible.
+
+    Returns a summary: final step, last metrics, whether it stopped early (preemption).
+    `progress`, if given, is called as progress(step, num_steps, metrics) at every log step.
+    """
+    sharding.maybe_initialize_distributed()
+    mesh = sharding.create_mesh(config.mesh)
+    stats = load_or_measure_stats(config, workdir)
+    trainer = Trainer(config, mesh, stats)
+    tc = config.train
+    if tc.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {jax.process_count()} hosts")
+    data_it = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=tc.batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    checkpointer = ckpt_lib.RunCheckpointer(workdir, max_to_keep=tc.keep_checkpoints)
+    config_dict = ckpt_lib.config_to_dict(config)
+    if checkpointer.latest_step() is not None:
+        step, state = checkpointer.restore(trainer.abstract_state, data_it, config_dict)
+        logging.info("Restored step %d from %s", step, checkpointer.directory)
+    else:
+        state = trainer.init_state()
+    step = int(state["step"])
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if step == 0:
+        writer.write_hparams({k: v for k, v in _flat(config_dict).items() if isinstance(v, (int, float, str))})
+
+    summary: dict[str, Any] = {"start_step": step, "preempted": False}
+    last_metrics: dict[str, float] = {}
+    t_log, step_log = time.perf_counter(), step
+    with _SigtermFlag() as sigterm:
+        while step < tc.num_steps:
+            batch = trainer.global_batch(next(data_it))
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            is_last = step == tc.num_steps
+            save_now = is_last or step % tc.checkpoint_every == 0
+            log_now = is_last or step % tc.log_every == 0
+            stop_now = sigterm.raised or checkpointer.reached_preemption(step)
+            if save_now or log_now or stop_now:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(metrics["loss"]):
+                    checkpointer.close()
+                    raise NonFiniteLossError(
+                        f"loss is {metrics['loss']} at step {step}; stopped without saving "
+                        f"(last good checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory})")
+            if log_now:
+                dt = time.perf_counter() - t_log
+                steps_per_s = (step - step_log) / max(dt, 1e-9)
+                metrics.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * tc.batch_size,
+                               tflops_per_device=3 * trainer.flops_per_example * tc.batch_size * steps_per_s
+                               / jax.device_count() / 1e12)
+                writer.write_scalars(step, metrics)
+                last_metrics = metrics
+                if progress is not None:
+                    progress(step, tc.num_steps, metrics)
+                t_log, step_log = time.perf_counter(), step
+            if save_now or stop_now:
+                checkpointer.save(step, state, data_it, config_dict, force=True)
+            if tc.sample_every and (step % tc.sample_every == 0 or is_last) and jax.process_index() == 0:
+                _write_sample_grid(config, trainer, state, workdir, step)
+            if stop_now and not is_last:
+                logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved, exiting.", step)
+                summary["preempted"] = True
+                break
+    checkpointer.close()
+    writer.flush()
+    summary.update(step=step, metrics=last_metrics, state=state, trainer=trainer)
+    return summary
+
+
+def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int) -> None:
+    """EMA samples of this stage as a PNG grid (pixel space, or latent space with a VAE)."""
+    from msf_jax import sample as sample_lib
+
+    try:
+        path = sample_lib.training_grid(config, trainer, state, workdir, step)
+        if path:
+            logging.info("Wrote sample grid %s", path)
+    except Exception as e:  # pylint: disable=broad-except
+        # A grid is a convenience: a failure to draw one must not lose the training run.
+        logging.warning("Sample grid at step %d failed: %s", step, e)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

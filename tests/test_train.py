@@ -1,0 +1,124 @@
+"""Training: mesh invariance, sharding by the rules, kill/resume (incl. SIGTERM), clear errors."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from msf_jax import sharding, train
+from msf_jax.factorize import Factorizer
+from tests.tiny import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _fixed_batch(config, seed=0):
+    from msf_jax import input_pipeline
+
+    it = input_pipeline.create_train_iterator(config.data, global_batch_size=config.train.batch_size, seed=seed)
+    batch = next(it)
+    return {"image": np.asarray(batch["image"]), "label": np.asarray(batch["label"])}
+
+
+@pytest.mark.parametrize("stage", ["base", "residual"])
+def test_same_loss_on_every_mesh(stage):
+    config = tiny_config(stage)
+    batch = _fixed_batch(config)
+    stats = train.measure_stats(config, Factorizer.from_config(config.factorizer), 2)
+    losses = {}
+    for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]:
+        config.mesh.shape = shape
+        mesh = sharding.create_mesh(config.mesh)
+        trainer = train.Trainer(config, mesh, stats)
+        state = trainer.init_state()
+        state, metrics = trainer.train_step(state, trainer.global_batch(batch))
+        state, metrics2 = trainer.train_step(state, trainer.global_batch(batch))
+        losses[shape] = (float(metrics["loss"]), float(metrics2["loss"]))
+        if shape == (2, 2, 2):
+            specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["params"])}
+            # qkv / fc1 kernels: (embed, heads|mlp) -> (fsdp, tensor)
+            assert str(P("fsdp", "tensor")) in specs, specs
+            big = max(jax.tree.leaves(state["params"]), key=lambda x: x.size)
+            assert big.addressable_shards[0].data.size < big.size  # actually sharded, not replicated
+            mu_specs = {str(x.sharding.spec) for x in jax.tree.leaves(state["opt"]) if x.ndim == 2}
+            assert str(P("fsdp", "tensor")) in mu_specs  # optimizer state sharded like the params
+    ref = losses[(8, 1, 1)]
+    for shape, got in losses.items():
+        np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6, err_msg=str(shape))
+
+
+def _final_state(summary):
+    state = jax.device_get(summary["state"])
+    return {k: state[k] for k in ("params", "ema", "opt", "step", "rng")}
+
+
+def _assert_bitwise_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    full = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "full"))
+    # Stopped after step 3 (a normal end), then resumed to 6.
+    train.train_and_evaluate(tiny_config(num_steps=3), str(tmp_path / "split"))
+    resumed = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "split"))
+    assert resumed["start_step"] == 3
+    _assert_bitwise_equal(_final_state(full), _final_state(resumed))
+
+    # SIGTERM (preemption) arrives during step 2: the run saves at the next step boundary and
+    # returns; resuming completes it.
+    def preempt(step, num_steps, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    stopped = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "sigterm"), progress=preempt)
+    assert stopped["preempted"] and stopped["step"] == 3
+    assert "3" in os.listdir(tmp_path / "sigterm" / "checkpoints")
+    resumed = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "sigterm"))
+    assert resumed["start_step"] == 3
+    _assert_bitwise_equal(_final_state(full), _final_state(resumed))
+
+
+def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
+    from msf_jax.checkpoint import CheckpointMismatchError
+
+    train.train_and_evaluate(tiny_config(num_steps=2), str(tmp_path))
+    other = tiny_config(num_steps=4)
+    other.base.model.hidden_size = 64
+    with pytest.raises(CheckpointMismatchError, match="hidden_size"):
+        train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(num_steps=2)
+    train.train_and_evaluate(config, str(tmp_path))
+    bad = tiny_config(num_steps=4, learning_rate=float("nan"))
+    with pytest.raises(train.NonFiniteLossError, match="last good checkpoint: step 2"):
+        train.train_and_evaluate(bad, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
+def _run_main(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "msf_jax.main", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    typo = _run_main("--mode=train", "--config=configs/demo.py", "--config.train.batch_sise=3",
+                     f"--workdir={tmp_path}")
+    assert typo.returncode != 0
+    assert "batch_sise" in typo.stderr and "Traceback" not in typo.stderr, typo.stderr[-2000:]
+
+    missing = _run_main("--mode=train", "--config=configs/demo.py", "--config.data.source=folder",
+                        f"--config.data.folder={tmp_path}/nowhere", f"--workdir={tmp_path}/w")
+    assert missing.returncode == 1
+    assert "nowhere" in missing.stderr and "Traceback" not in missing.stderr, missing.stderr[-2000:]
