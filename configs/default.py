@@ -105,7 +105,8 @@ def get_config() -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         sample_every=20_000,  # EMA sample grid; 0 disables
         sample_grid_size=16,
-        eval_every=0,  # in-training FID / SWD every K steps; 0 disables
+        eval_every=0,  # in-training FID / SWD (config.eval.metric) every K steps; 0 disables
+        eval_num_samples=2000,  # EMA samples scored at each in-training eval
         profile=False,
     ))
 

@@ -343,17 +343,23 @@ def _train_images(data_cfg, *, batch_size, seed, process_index, process_count) -
                           read_threads=int(_get(data_cfg, "read_threads", 8)), ignored_files=ignored)
 
 
-def _train_latent_cache(data_cfg, **unused_kwargs):
-    raise ValueError(
-        f"config.data.source='latent_cache' (cache_dir={data_cfg.cache_dir!r}) has no reader registered yet: "
-        "a reader module must call msf_jax.input_pipeline.register_source('latent_cache', train_fn, eval_fn)")
+def _train_latent_cache(data_cfg, **kwargs):
+    from msf_jax import latent_cache  # pylint: disable=g-import-not-at-top  (it imports this module)
+
+    return latent_cache.create_train_iterator(data_cfg, **kwargs)
+
+
+def _eval_latent_cache(data_cfg, **kwargs):
+    from msf_jax import latent_cache  # pylint: disable=g-import-not-at-top
+
+    return latent_cache.create_eval_images(data_cfg, **kwargs)
 
 
 _SOURCES: dict[str, tuple[Callable[..., Any], Callable[..., Any] | None]] = {
     "synthetic": (_train_synthetic, None),
     "folder": (_train_images, None),
     "tfds": (_train_images, None),
-    "latent_cache": (_train_latent_cache, None),
+    "latent_cache": (_train_latent_cache, _eval_latent_cache),  # msf_jax.latent_cache, imported on first use
 }
 
 
@@ -437,5 +443,4 @@ def create_eval_images(data_cfg, *, num_images: int, seed: int) -> dict[str, np.
         split = _get(data_cfg, "eval_split", "train")
         return _eval_from_source(_tfds_records(data_cfg, split), data_cfg, num_images=num_images, seed=seed,
                                  what=f"tfds {data_cfg.tfds_name}[{split}]")
-    _train_latent_cache(data_cfg)
-    raise AssertionError("unreachable")
+    raise AssertionError(f"unhandled source {source!r}")

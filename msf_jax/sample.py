@@ -230,35 +230,3 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
 
 def _part_path(parts_dir: str, shard: int) -> str:
     return os.path.join(parts_dir, f"part-{shard:05d}.npz")
-
-
-# ----------------------------------------------------------------------------------------------
-# Sample grids during training
-# ----------------------------------------------------------------------------------------------
-def training_grid(config, trainer, state, workdir: str, step: int) -> str | None:
-    """A grid of EMA samples of the stage being trained, one column per class (pixel space only,
-    or latent space with vae.weights). Base: the sampled base with a zero residual; residual: real bases
-    with sampled residuals; dit: full samples."""
-    if config.space != "pixel" and not config.vae.weights:
-        return None
-    num_classes = config.data.num_classes
-    cols = min(num_classes, 10)
-    n = cols * max(1, config.train.sample_grid_size // cols)
-    labels = np.arange(n) % cols
-    model_fn = stages.model_function(trainer.ema_model(state))
-    factorizer = trainer.factorizer
-    stage_cfg = config[trainer.stage]
-    keys = sample_keys(config.seed + 17, np.arange(n))
-    from msf_jax.pipeline import sample_stage
-
-    if trainer.stage == "dit":
-        z = sample_stage(model_fn, stage_cfg, trainer.spec.target_shape, labels, keys, num_classes)
-    elif trainer.stage == "base":
-        base = sample_stage(model_fn, stage_cfg, trainer.spec.target_shape, labels, keys, num_classes)
-        zero = jnp.zeros((n,) + tuple(factorizer.component_shapes(stages.data_shape(config))[1]))
-        z = factorizer.merge(base, zero)
-    else:
-        return None  # the residual stage's grid needs real bases: see the demo's two-stage grid
-    images = np.asarray(make_decoder(config)(z))
-    path = os.path.join(workdir, "grids", f"{trainer.stage}_step{step:07d}.png")
-    return outputs.save_png(path, outputs.image_grid(images, nrow=cols), upscale=max(1, 128 // images.shape[1]))

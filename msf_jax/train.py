@@ -241,6 +241,9 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
                 checkpointer.save(step, state, data_it, config_dict, force=True)
             if tc.sample_every and (step % tc.sample_every == 0 or is_last) and jax.process_index() == 0:
                 _write_sample_grid(config, trainer, state, workdir, step)
+            if tc.eval_every and (step % tc.eval_every == 0 or is_last):
+                summary["eval"] = _periodic_eval(config, trainer, state, step)
+                writer.write_scalars(step, summary["eval"])
             if stop_now and not is_last:
                 logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved, exiting.", step)
                 summary["preempted"] = True
@@ -253,15 +256,28 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
 
 def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int) -> None:
     """EMA samples of this stage as a PNG grid (pixel space, or latent space with a VAE)."""
-    from msf_jax import sample as sample_lib
+    from msf_jax import stage_eval
 
     try:
-        path = sample_lib.training_grid(config, trainer, state, workdir, step)
+        path = stage_eval.training_grid(config, trainer, state, workdir, step)
         if path:
             logging.info("Wrote sample grid %s", path)
     except Exception as e:  # pylint: disable=broad-except
         # A grid is a convenience: a failure to draw one must not lose the training run.
         logging.warning("Sample grid at step %d failed: %s", step, e)
+
+
+def _periodic_eval(config, trainer: Trainer, state, step: int) -> dict[str, float]:
+    """In-training SWD / FID of EMA samples (stage_eval); a failure is logged, never fatal."""
+    from msf_jax import stage_eval
+
+    try:
+        results = stage_eval.periodic_eval(config, trainer, state)
+        logging.info("Eval at step %d: %s", step, results)
+        return results
+    except Exception as e:  # pylint: disable=broad-except
+        logging.warning("In-training eval at step %d failed: %s", step, e)
+        return {}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -122,3 +122,12 @@ def test_cli_errors_are_one_line(tmp_path):
                         f"--config.data.folder={tmp_path}/nowhere", f"--workdir={tmp_path}/w")
     assert missing.returncode == 1
     assert "nowhere" in missing.stderr and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stage", ["base", "residual"])
+def test_grids_and_in_training_eval(tmp_path, stage):
+    config = tiny_config(stage, num_steps=2, sample_every=2, eval_every=2, eval_num_samples=12)
+    config.eval.metric = "swd"
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert os.path.exists(tmp_path / "grids" / f"{stage}_step0000002.png")
+    assert np.isfinite(summary["eval"]["eval/swd/mean"]) and summary["eval"]["eval/swd/mean"] > 0
