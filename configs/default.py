@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
         tfds_prepare=False,  # build the tfds dataset (array_record) here if it is not prepared
         synthetic_size=1 << 20,  # number of distinct training images of the synthetic set
         synthetic_seed=0,  # decides the synthetic images themselves (config.seed orders and flips them)
+        # Latent cache (--mode=extract_latents writes it, source="latent_cache" reads it).
+        cache_source="",  # what extract_latents encodes: "tfds" | "folder" ("" = folder if set, else tfds)
+        cache_shard_size=1024,  # examples per ArrayRecord shard
+        cache_batch_size=128,  # images per host per VAE call (their flips are encoded alongside)
+        cache_stats_examples=0,  # cached examples the factorizer statistics are measured on (0 = all)
     ))
     # "latent": SD-VAE latents (image_size / 8, 4 channels); "pixel": the factorizer applies to pixels.
     config.space = "latent"

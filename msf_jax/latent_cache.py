@@ -1,9 +1,11 @@
 """Latent cache: SD-VAE posterior moments of a whole dataset, written once, read by latent-space training.
 
 Writing (`--mode=extract_latents`, `extract_latents(config, workdir)`):
-  * The source is config.data with source "tfds" (split data.train_split) or "folder", decoded and ADM
-    center-cropped exactly as the pixel pipeline does (`msf_jax.input_pipeline`), in the source's
-    deterministic order and never flipped: the horizontal flip is encoded and stored explicitly.
+  * The source is config.data with source "tfds" (split data.train_split) or "folder"; with source
+    "latent_cache" (the training config itself) it is data.cache_source if set, else "folder" when
+    data.folder is set, else "tfds". Images are decoded and ADM center-cropped exactly as the pixel
+    pipeline does (`msf_jax.input_pipeline`), in the source's deterministic order, never flipped:
+    the horizontal flip is encoded and stored explicitly.
   * Example indices [0, N) are cut into fixed shards of data.cache_shard_size (default 1024)
     examples, `latents-SSSSS-of-NNNNN.array_record` in data.cache_dir (default `<workdir>/latents`).
     Host p of P writes shards p, p + P, ...; on each host the VAE runs data-parallel over its local
@@ -13,6 +15,8 @@ Writing (`--mode=extract_latents`, `extract_latents(config, workdir)`):
     sidecar `latents-SSSSS-of-NNNNN.json` (record count, skip counts). A shard whose final file exists
     is skipped; a partial one (a `.tmp` left by a killed run) is rewritten from scratch. Rerunning an
     interrupted extraction gives byte-identical shards to an uninterrupted one (same devices, batch size).
+    Files are written with local-filesystem calls (os.replace): on multi-host runs cache_dir must be a
+    directory every host sees (NFS, GCS FUSE, ...), since host 0 reads every host's sidecars.
     `cache_spec.json` (written first) pins what the cache was made from (source, size, image_size, VAE,
     shard layout); resuming into a cache made with different settings is an error.
   * Images that cannot be decoded are skipped and counted by reason (`msf_jax.data.images`).
@@ -34,6 +38,10 @@ zstd-compressed by ArrayRecord), little-endian, no pickle:
             [0] = the image, [1] = its horizontal flip (logvar already clipped by the VAE).
 Moments are stored as the float32 the VAE produced, so they read back bit-exact. `encode_record` /
 `decode_record` convert.
+
+Optional config.data fields (read with defaults when the config lacks them): cache_shard_size (1024
+examples per shard), cache_batch_size (128 images per host per VAE call, plus their flips),
+cache_stats_examples (0 = statistics over the whole cache), cache_source ("" = inferred, see above).
 
 Reading (`config.data.source = "latent_cache"`, registered with `msf_jax.input_pipeline`):
 `create_train_iterator` yields dict(mean=float32 (B, h, w, c), logvar=float32 (B, h, w, c),
@@ -170,18 +178,21 @@ def load_metadata(cache_dir: str) -> dict[str, Any]:
 def _source_of(data_cfg) -> tuple[Any, dict[str, Any], int]:
     """(random-access records {'image', 'label'}, description, files ignored at listing)."""
     get = functools.partial(input_pipeline._get, data_cfg)  # pylint: disable=protected-access
-    if data_cfg.source == "folder":
+    kind = data_cfg.source
+    if kind == "latent_cache":  # the training config itself: encode the images it names
+        kind = get("cache_source", "") or ("folder" if get("folder", "") else "tfds")
+    if kind == "folder":
         source, ignored = input_pipeline._folder_source(data_cfg)  # pylint: disable=protected-access
         return source, {"kind": "folder", "folder": os.path.abspath(source.root)}, ignored
-    if data_cfg.source == "tfds":
+    if kind == "tfds":
         split = get("train_split", "train")
         source = input_pipeline._tfds_records(data_cfg, split)  # pylint: disable=protected-access
         desc = {"kind": "tfds", "tfds_name": data_cfg.tfds_name, "tfds_data_dir": data_cfg.tfds_data_dir,
                 "split": split, "tfds_image_key": get("tfds_image_key", "image"),
                 "tfds_label_key": get("tfds_label_key", "label")}
         return source, desc, 0
-    raise ValueError(f"--mode=extract_latents reads config.data.source 'tfds' or 'folder', got "
-                     f"{data_cfg.source!r}")
+    raise ValueError(f"--mode=extract_latents encodes a 'tfds' or 'folder' source (config.data.source, or "
+                     f"data.cache_source when source='latent_cache'), got {kind!r}")
 
 
 def _load_vae(config):
@@ -191,7 +202,10 @@ def _load_vae(config):
     if not weights:
         raise ValueError("--mode=extract_latents needs config.vae.weights (converted SD-VAE weights: "
                          "python -m msf_jax.convert vae ...)")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[config.vae.dtype]
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    if config.vae.dtype not in dtypes:
+        raise ValueError(f"config.vae.dtype must be one of {sorted(dtypes)}, got {config.vae.dtype!r}")
+    dtype = dtypes[config.vae.dtype]
     return load_vae(os.path.expanduser(weights), dtype=dtype)
 
 
@@ -352,8 +366,8 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
     if todo:
         mesh = _local_mesh()
         encoder = _Encoder(make_encode_fn(vae, mesh), mesh.devices.size)
-        decode = functools.partial(input_pipeline._decode_crop, image_size=image_size,  # pylint: disable=protected-access
-                                   min_side=min_side)
+        decode_crop = input_pipeline._decode_crop  # pylint: disable=protected-access
+        decode = functools.partial(decode_crop, image_size=image_size, min_side=min_side)
         progress = Progress(sum(len(shard_range(s)) for s in mine), "extract_latents", unit="img",
                             initial=done_examples)
         threads = int(get("read_threads", 8))
@@ -401,10 +415,11 @@ def _finalize(config, cache_dir: str, spec: dict[str, Any], ignored: int) -> dic
     old = _read_json(os.path.join(cache_dir, METADATA_FILE)) if os.path.exists(
         os.path.join(cache_dir, METADATA_FILE)) else {}
     fcfg = config.factorizer
+    max_examples = int(input_pipeline._get(config.data, "cache_stats_examples", 0))  # pylint: disable=protected-access
     factorizer_desc = {"mode": fcfg.mode, "factor": int(fcfg.factor), "levels": int(fcfg.levels),
                        "upsample": fcfg.upsample, "scaling_factor": float(config.vae.scaling_factor),
                        "seed": int(config.seed),
-                       "max_examples": int(input_pipeline._get(config.data, "cache_stats_examples", 0))}  # pylint: disable=protected-access
+                       "max_examples": max_examples}
     stats_path = os.path.join(cache_dir, STATS_FILE)
     previous = old.get("factor_stats", {})
     if os.path.exists(stats_path) and previous.get("factorizer") == factorizer_desc and \
@@ -429,6 +444,9 @@ def _cache_source(cache_dir: str, metadata: dict[str, Any]) -> grain.sources.Arr
     return grain.sources.ArrayRecordDataSource(paths)
 
 
+_to_z = jax.jit(sample_latents, static_argnames="scaling_factor")
+
+
 def _cache_stats(config, cache_dir: str, metadata: dict[str, Any], desc: dict[str, Any]):
     """Factorizer statistics over one posterior sample of every cached image and its flip."""
     source = _cache_source(cache_dir, metadata)
@@ -436,16 +454,16 @@ def _cache_stats(config, cache_dir: str, metadata: dict[str, Any], desc: dict[st
     if 0 < desc["max_examples"] < len(order):
         order = np.sort(np.random.default_rng(desc["seed"]).choice(len(order), desc["max_examples"], replace=False))
     key = jax.random.fold_in(jax.random.key(desc["seed"]), 0x1A7E)
-    to_z = jax.jit(lambda m, lv, k: sample_latents(m, lv, k, desc["scaling_factor"]))
     count = [0]
 
     def batches():
         for b, start in enumerate(range(0, len(order), _STATS_BATCH)):
-            records = [decode_record(r) for r in source.__getitems__([int(i) for i in order[start:start + _STATS_BATCH]])]
+            chunk = [int(i) for i in order[start:start + _STATS_BATCH]]
+            records = [decode_record(r) for r in source.__getitems__(chunk)]
             mean = np.concatenate([r["mean"] for r in records])  # (2B, h, w, c): images and flips
             logvar = np.concatenate([r["logvar"] for r in records])
             count[0] += len(mean)
-            yield np.asarray(to_z(mean, logvar, jax.random.fold_in(key, b)))
+            yield np.asarray(_to_z(mean, logvar, jax.random.fold_in(key, b), scaling_factor=desc["scaling_factor"]))
 
     factorizer = Factorizer(desc["mode"], desc["factor"], desc["levels"], desc["upsample"])
     return compute_stats(batches(), factorizer), count[0]

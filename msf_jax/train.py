@@ -140,20 +140,45 @@ def measure_stats(config, factorizer: Factorizer, num_batches: int) -> FactorSta
 
 
 def load_or_measure_stats(config, workdir: str) -> FactorStats | None:
-    """Factorizer statistics: from config.factorizer.stats_path, from workdir, or measured now."""
+    """Factorizer statistics: config.factorizer.stats_path, else the run's own `factor_stats.json`,
+    else those the latent cache measured (when they fit this factorizer), else measured now."""
     if not config.factorizer.standardize:
         return None
-    path = config.factorizer.stats_path or os.path.join(workdir, "factor_stats.json")
+    if config.factorizer.stats_path:
+        if not os.path.exists(config.factorizer.stats_path):
+            raise FileNotFoundError(f"factorizer.stats_path {config.factorizer.stats_path} does not exist")
+        return FactorStats.load(config.factorizer.stats_path)
+    path = os.path.join(workdir, "factor_stats.json")
     if os.path.exists(path):
         return FactorStats.load(path)
-    if config.factorizer.stats_path:
-        raise FileNotFoundError(f"factorizer.stats_path {path} does not exist")
-    logging.info("Measuring factorizer statistics over %d batches", config.factorizer.stats_batches)
-    stats = measure_stats(config, Factorizer.from_config(config.factorizer), config.factorizer.stats_batches)
+    stats = _latent_cache_stats(config)
+    if stats is None:
+        logging.info("Measuring factorizer statistics over %d batches", config.factorizer.stats_batches)
+        stats = measure_stats(config, Factorizer.from_config(config.factorizer), config.factorizer.stats_batches)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        stats.save(path)
+        stats.save(path)  # a resumed run uses exactly the statistics it started with
     return stats
+
+
+def _latent_cache_stats(config) -> FactorStats | None:
+    """The statistics `extract_latents` stored next to the cache, if measured for this factorizer."""
+    if config.data.source != "latent_cache" or not config.data.cache_dir:
+        return None
+    import json
+
+    meta_path = os.path.join(config.data.cache_dir, "metadata.json")
+    stats_path = os.path.join(config.data.cache_dir, "factor_stats.json")
+    if not (os.path.exists(meta_path) and os.path.exists(stats_path)):
+        return None
+    with open(meta_path) as f:
+        measured = json.load(f).get("factor_stats", {}).get("factorizer", {})
+    wanted = {k: config.factorizer[k] for k in ("mode", "factor", "levels", "upsample")}
+    wanted["scaling_factor"] = float(config.vae.scaling_factor)
+    if any(measured.get(k) != v for k, v in wanted.items()):
+        return None
+    logging.info("Using the latent cache's factorizer statistics %s", stats_path)
+    return FactorStats.load(stats_path)
 
 
 class _SigtermFlag:

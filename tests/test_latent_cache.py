@@ -1,10 +1,12 @@
 """Latent cache: exact round trip (image and flip), resume after a kill, skip counts, hosts, training on it."""
 
 import filecmp
-import json
+import functools
 import os
 
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -38,9 +40,21 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae():
-    # Four levels: downsampling factor 8 and 4 latent channels, like the SD VAE (32 px -> 4x4x4).
-    return vae_lib.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
-                                 rngs=nnx.Rngs(0))
+    """A random VAE with four levels: factor 8 and 4 latent channels, like the SD VAE (32 px -> 4x4x4).
+
+    Parameters are drawn with numpy into an abstract model: nnx's own initializers compile one XLA
+    program per parameter shape (~10 s on two cores), for nothing this test needs.
+    """
+    abstract = nnx.eval_shape(lambda: vae_lib.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                                            norm_num_groups=4, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(0)
+
+    def init(path, x):
+        w = rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+        return jnp.asarray(w + 1.0 if "scale" in jax.tree_util.keystr(path) else w)  # GroupNorm scales ~1
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
 
 
 def make_config(folder, cache_dir, **data):
@@ -160,12 +174,15 @@ def _shard_files(cache_dir):
 
 
 def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch):
+    # One image per VAE call: shards hold 4 good images each (shard 0: 00 03 06 09 corrupt).
+    cfg = lambda cache_dir, **kw: make_config(folder, cache_dir, cache_batch_size=1, **kw)  # noqa: E731
+    real = functools.lru_cache(lc.make_encode_fn)  # compile the encoder once for all runs below
+    monkeypatch.setattr(lc, "make_encode_fn", real)
     full = tmp_path / "full"
-    lc.extract_latents(make_config(folder, full), None, vae=vae)
+    lc.extract_latents(cfg(full), None, vae=vae)
 
-    # Killed in the middle of the second shard (third VAE call; shard 0 takes two), plus a stale
-    # .tmp of the last shard left by some earlier crash.
-    real = lc.make_encode_fn
+    # Killed in the middle of the second shard (at its third image: two are encoded, one written),
+    # plus a stale .tmp of the last shard left by some earlier crash.
     calls = [0]
 
     def failing_make_encode_fn(model, mesh=None):
@@ -173,7 +190,7 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
 
         def encode(x):
             calls[0] += 1
-            if calls[0] == 3:
+            if calls[0] == 7:
                 raise KeyboardInterrupt("killed")
             return fn(x)
 
@@ -182,7 +199,7 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
     part = tmp_path / "part"
     monkeypatch.setattr(lc, "make_encode_fn", failing_make_encode_fn)
     with pytest.raises(KeyboardInterrupt):
-        lc.extract_latents(make_config(folder, part), None, vae=vae)
+        lc.extract_latents(cfg(part), None, vae=vae)
     names = os.listdir(part)
     assert "latents-00000-of-00003.array_record" in names and "latents-00001-of-00003.array_record.tmp" in names
     assert "latents-00001-of-00003.array_record" not in names and lc.METADATA_FILE not in names
@@ -193,7 +210,7 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
     # Resume: shard 0 is kept (not re-encoded), the rest rewritten; result identical to the full run.
     monkeypatch.setattr(lc, "make_encode_fn", real)
     mtime = os.stat(part / "latents-00000-of-00003.array_record").st_mtime_ns
-    lc.extract_latents(make_config(folder, part), None, vae=vae)
+    lc.extract_latents(cfg(part), None, vae=vae)
     assert os.stat(part / "latents-00000-of-00003.array_record").st_mtime_ns == mtime
     assert _shard_files(part) == _shard_files(full)
     assert not [f for f in os.listdir(part) if f.endswith(".tmp")]
@@ -206,16 +223,16 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
         raise AssertionError("the VAE ran on a finished cache")
 
     monkeypatch.setattr(lc, "make_encode_fn", no_encode)
-    lc.extract_latents(make_config(folder, part), None, vae=vae)
+    lc.extract_latents(cfg(part), None, vae=vae)
     with pytest.raises(ValueError, match="other settings"):
-        lc.extract_latents(make_config(folder, part, image_size=64), None, vae=vae)
+        lc.extract_latents(cfg(part, image_size=64), None, vae=vae)
     monkeypatch.setattr(lc, "make_encode_fn", real)
 
     # Two hosts (run one after the other: host 0 finalizes) write the same files as one host.
     hosts = tmp_path / "hosts"
-    assert lc.extract_latents(make_config(folder, hosts), None, vae=vae, process_index=1, process_count=2) is None
+    assert lc.extract_latents(cfg(hosts), None, vae=vae, process_index=1, process_count=2) is None
     assert _shard_files(hosts) == ["latents-00001-of-00003.array_record", "latents-00001-of-00003.json"]
-    lc.extract_latents(make_config(folder, hosts), None, vae=vae, process_index=0, process_count=2)
+    lc.extract_latents(cfg(hosts), None, vae=vae, process_index=0, process_count=2)
     match, mismatch, errors = filecmp.cmpfiles(full, hosts, _shard_files(full), shallow=False)
     assert not mismatch and not errors, (mismatch, errors)
 
@@ -237,12 +254,14 @@ def test_clear_errors(folder, tmp_path):
 
 def test_train_base_stage_on_the_cache(folder, vae, tmp_path):
     cache = tmp_path / "cache"
-    lc.extract_latents(make_config(folder, cache), None, vae=vae)
-    config = tiny_config("base", num_steps=3)
+    # The training config itself (source latent_cache) extracts from the folder it names.
+    lc.extract_latents(make_config(folder, cache, source="latent_cache"), None, vae=vae)
+    config = tiny_config("base", num_steps=2, checkpoint_every=1000)  # one (final) checkpoint
     config.space = "latent"
     config.data.source, config.data.cache_dir, config.data.image_size = "latent_cache", str(cache), 32
-    config.factorizer.stats_path = str(cache / lc.STATS_FILE)
     summary = train.train_and_evaluate(config, str(tmp_path / "work"))
-    assert summary["step"] == 3
+    # No stats_path given: training picks up the statistics the cache measured for this factorizer.
+    assert (tmp_path / "work" / "factor_stats.json").read_text() == (cache / lc.STATS_FILE).read_text()
+    assert summary["step"] == 2
     assert np.isfinite(summary["metrics"]["loss"])
     assert summary["trainer"].spec.target_shape == (2, 2, 4)
