@@ -60,17 +60,33 @@ def read_torch_state_dict(path: str, prefix: str = "") -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in raw.items()}
 
 
-def check_keys(source: Iterable[str], expected: Iterable[str], what: str) -> None:
-    """Raises a `ConversionError` naming missing and unexpected keys."""
-    source, expected = set(source), set(expected)
-    missing, extra = sorted(expected - source), sorted(source - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_short(missing)}")
-        if extra:
-            parts.append(f"unexpected {len(extra)} key(s): {_short(extra)}")
+def describe_problems(missing: Iterable[str] = (), extra: Iterable[str] = (),
+                      bad: Iterable[str] = ()) -> list[str]:
+    """The parts of a key-check error: 'missing N key(s): ...', 'unexpected ...', 'N misshaped ...'
+    (each list is shown in the order given)."""
+    missing, extra, bad = list(missing), list(extra), list(bad)
+    parts = [f"missing {len(missing)} key(s): {_short(missing)}"] if missing else []
+    parts += [f"unexpected {len(extra)} key(s): {_short(extra)}"] if extra else []
+    parts += [f"{len(bad)} misshaped key(s): {_short(bad)}"] if bad else []
+    return parts
+
+
+def raise_problems(what: str, missing: Iterable[str] = (), extra: Iterable[str] = (),
+                   bad: Iterable[str] = ()) -> None:
+    """Raises one `ConversionError` '{what}: ...' naming every problem, if there is any."""
+    parts = describe_problems(missing, extra, bad)
+    if parts:
         raise ConversionError(f"{what}: " + "; ".join(parts))
+
+
+def check_shapes(source: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Checks flat `source` (name -> array or anything with a shape) against flat `expected` shapes:
+    one `ConversionError` naming every missing, unexpected and misshaped key."""
+    bad = [f"{k}: file {tuple(np.shape(source[k]))} vs model {tuple(expected[k])}"
+           for k in sorted(set(expected) & set(source))
+           if tuple(np.shape(source[k])) != tuple(expected[k])]
+    raise_problems(what, missing=sorted(set(expected) - set(source)), extra=sorted(set(source) - set(expected)),
+                   bad=bad)
 
 
 def _short(keys: list[str], limit: int = 8) -> str:
@@ -78,16 +94,20 @@ def _short(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """Nested dict -> {'a/b/c': array}. Integer keys (NNX lists) become their decimal string."""
-    flat = {}
+def _leaves(tree: Mapping[str, Any], prefix: str = ""):
+    """Yields ('a/b/c', leaf) for a nested dict; leaves are returned as they are (arrays, or
+    `jax.ShapeDtypeStruct` for a model from `nnx.eval_shape`)."""
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten(value, name + "/"))
+            yield from _leaves(value, name + "/")
         else:
-            flat[name] = np.asarray(value)
-    return flat
+            yield name, value
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    """Nested dict -> {'a/b/c': array}. Integer keys (NNX lists) become their decimal string."""
+    return {name: np.asarray(value) for name, value in _leaves(tree, prefix)}
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,17 +147,30 @@ def load_params(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return unflatten(load_file(path)), json.loads(meta["msf_jax_config"])
 
 
-def load_into_model(model, params: Mapping[str, Any], what: str = "model") -> None:
-    """Copies a nested params dict into an NNX model, checking every key and shape first."""
+def state_shapes(model, filters: Any = None) -> dict[str, tuple[int, ...]]:
+    """Flat 'a/b/0/c' name -> shape of every variable of an NNX model matching `filters` (default
+    `(nnx.Param,)`, kept lazy so this module does not import JAX; a tuple of filters is their union).
+    Works on abstract models (`nnx.eval_shape`)."""
     from flax import nnx
 
-    state = nnx.state(model, nnx.Param)
-    target = flatten(state.to_pure_dict())
+    state = nnx.state(model, (nnx.Param,) if filters is None else filters)
+    return {name: tuple(leaf.shape) for name, leaf in _leaves(state.to_pure_dict())}
+
+
+def load_into_model(model, params: Mapping[str, Any], what: str = "model", filters: Any = None):
+    """Copies nested `params` into the NNX model's variables matching `filters` (default
+    `(nnx.Param,)`), after checking every key and shape (one `ConversionError` naming all problems).
+
+    Values are cast to each variable's dtype. The model may be concrete or abstract (built by
+    `nnx.eval_shape`: nothing is allocated before the copy). Returns the model.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(model, (nnx.Param,) if filters is None else filters)
+    target = dict(_leaves(state.to_pure_dict()))
     source = flatten(params)
-    check_keys(source, target, what)
-    bad = [f"{k}: file {source[k].shape} vs model {target[k].shape}"
-           for k in sorted(target) if source[k].shape != target[k].shape]
-    if bad:
-        raise ConversionError(f"{what}: {len(bad)} misshaped key(s): {_short(bad)}")
-    state.replace_by_pure_dict(unflatten({k: np.asarray(v, dtype=target[k].dtype) for k, v in source.items()}))
+    check_shapes(source, {k: tuple(v.shape) for k, v in target.items()}, what)
+    state.replace_by_pure_dict(unflatten({k: jnp.asarray(v, dtype=target[k].dtype) for k, v in source.items()}))
     nnx.update(model, state)
+    return model

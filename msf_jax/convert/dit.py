@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msf_jax.convert.common import (ConversionError, _short, flatten, load_params, read_torch_state_dict,
-                                    save_params, unflatten)
+from msf_jax.convert.common import (ConversionError, _short, describe_problems, flatten, load_into_model,
+                                    load_params, read_torch_state_dict, save_params, state_shapes, unflatten)
 from msf_jax.models.dit import DIT_CONFIGS, DiT, get_2d_sincos_pos_embed
 
 _CONFIG_TYPES = dict(input_size=int, patch_size=int, in_channels=int, hidden_size=int, depth=int,
@@ -248,16 +248,6 @@ def _abstract_model(config: Mapping[str, Any], dtype=jnp.float32) -> DiT:
     return nnx.eval_shape(lambda: DiT(**config, dtype=dtype, rngs=nnx.Rngs(0)))
 
 
-def _param_shapes(model: DiT) -> dict[str, tuple[int, ...]]:
-    def walk(tree, prefix=""):
-        for key, value in tree.items():
-            if isinstance(value, Mapping):
-                yield from walk(value, f"{prefix}{key}/")
-            else:
-                yield f"{prefix}{key}", tuple(value.shape)
-    return dict(walk(nnx.state(model, nnx.Param).to_pure_dict()))
-
-
 def _convert(state_dict: Mapping[str, Any], fmt: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
     if config is None:
         config, _ = infer_config(state_dict, fmt, require_heads=False)
@@ -267,17 +257,12 @@ def _convert(state_dict: Mapping[str, Any], fmt: str, config: Mapping[str, Any] 
     ignored = {"pos_embed"} if fmt == "official" else set(_diffusers_copies(depth))
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
 
-    problems = []
     missing = sorted(expected - set(sd))
     extra = sorted(set(sd) - expected - ignored)
     if fmt == "diffusers":
         missing += sorted(k for k in ignored if k not in sd)
-    if missing:
-        problems.append(f"missing {len(missing)} key(s): {_short(missing)}")
-    if extra:
-        problems.append(f"unexpected {len(extra)} key(s): {_short(extra)}")
 
-    shapes = _param_shapes(_abstract_model(config))
+    shapes = state_shapes(_abstract_model(config))
     params, bad = {}, []
     for ours, (srcs, fn) in key_map.items():
         if any(s not in sd for s in srcs):
@@ -291,8 +276,7 @@ def _convert(state_dict: Mapping[str, Any], fmt: str, config: Mapping[str, Any] 
             bad.append(f"{'+'.join(srcs)}: file {got} does not give {ours} {shapes[ours]}")
             continue
         params[ours] = value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
-    if bad:
-        problems.append(f"{len(bad)} misshaped key(s): {_short(bad)}")
+    problems = describe_problems(missing, extra, bad)
 
     if fmt == "official" and "pos_embed" in sd and not bad:
         ours_pos = get_2d_sincos_pos_embed(int(config["hidden_size"]), *(2 * (config["input_size"] //
@@ -343,21 +327,8 @@ def _diffusers_hints(path: str) -> dict[str, Any]:
 
 
 def load_params_into(model: DiT, params: Mapping[str, Any], what: str = "DiT") -> DiT:
-    """Copies nested params into a (possibly abstract, from nnx.eval_shape) DiT, checking keys/shapes."""
-    shapes = _param_shapes(model)
-    flat = flatten(params)
-    missing, extra = sorted(set(shapes) - set(flat)), sorted(set(flat) - set(shapes))
-    bad = [f"{k}: file {flat[k].shape} vs model {shapes[k]}" for k in sorted(set(shapes) & set(flat))
-           if tuple(flat[k].shape) != shapes[k]]
-    problems = ([f"missing {len(missing)} key(s): {_short(missing)}"] if missing else []) + \
-               ([f"unexpected {len(extra)} key(s): {_short(extra)}"] if extra else []) + \
-               ([f"{len(bad)} misshaped key(s): {_short(bad)}"] if bad else [])
-    if problems:
-        raise ConversionError(f"{what}: " + "; ".join(problems))
-    state = nnx.state(model, nnx.Param)
-    state.replace_by_pure_dict(unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}))
-    nnx.update(model, state)
-    return model
+    """`common.load_into_model` with DiT's default error label (kept for callers of this name)."""
+    return load_into_model(model, params, what)
 
 
 def convert_file(input: str, output: str, model: str | None = None, input_size: int | None = None) -> str:
@@ -367,7 +338,7 @@ def convert_file(input: str, output: str, model: str | None = None, input_size: 
     config, notes = infer_config(state_dict, fmt, model=model, input_size=input_size,
                                  hints=_diffusers_hints(input) if fmt == "diffusers" else None)
     params = _convert(state_dict, fmt, config)
-    load_params_into(_abstract_model(config), params)  # the file rebuilds our model exactly
+    load_into_model(_abstract_model(config), params, "DiT")  # the file rebuilds our model exactly
     save_params(output, params, config)
     n = sum(int(np.prod(v.shape)) for v in flatten(params).values())
     name = next((k for k, v in DIT_CONFIGS.items() if all(config[f] == x for f, x in v.items())), "DiT")
@@ -393,4 +364,4 @@ def load_dit(path: str, *, dtype: Any = jnp.float32, remat: bool = False,
     if timestep_freq_shift is not None:
         config["timestep_freq_shift"] = int(timestep_freq_shift)
     model = nnx.eval_shape(lambda: DiT(**config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
-    return load_params_into(model, params, what=path)
+    return load_into_model(model, params, what=path)

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from msf_jax.convert.common import (ConversionError, _short, check_keys, flatten, read_torch_state_dict,
-                                    save_params, unflatten)
+from msf_jax.convert.common import (ConversionError, check_shapes, flatten, load_into_model, read_torch_state_dict,
+                                    save_params, state_shapes, unflatten)
 
 # pytorch-fid InceptionV3.blocks[i][j] -> torchvision Inception3 attribute (max pools have no weights).
 _BLOCKS = {
@@ -71,9 +71,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray]) -> tuple[dict[str, 
         if name is not None:
             renamed[name] = _to_jax_layout(name, np.asarray(value, np.float32))
     with_logits = any(k.startswith("fc/") for k in renamed)
-    expected = expected_shapes(with_logits)
-    check_keys(renamed, expected, "Inception weights")
-    _check_shapes(renamed, expected, "Inception weights")
+    check_shapes(renamed, expected_shapes(with_logits), "Inception weights")
     return unflatten(renamed), {"family": "inception", "with_logits": with_logits}
 
 
@@ -84,45 +82,20 @@ def expected_shapes(with_logits: bool) -> dict[str, tuple[int, ...]]:
     from msf_jax.models.inception import FIDInception
 
     model = nnx.eval_shape(lambda: FIDInception(with_logits=with_logits, rngs=nnx.Rngs(0)))
-    return _shapes(model)
+    return state_shapes(model, _variables())
 
 
-def _shapes(model) -> dict[str, tuple[int, ...]]:
+def _variables():
+    """What an Inception file holds: params and BatchNorm running statistics."""
     from flax import nnx
 
-    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-    flat = {}
-
-    def visit(tree, prefix):
-        for k, v in tree.items():
-            if isinstance(v, Mapping):
-                visit(v, f"{prefix}{k}/")
-            else:
-                flat[f"{prefix}{k}"] = tuple(v.shape)
-
-    visit(state.to_pure_dict(), "")
-    return flat
-
-
-def _check_shapes(source: Mapping[str, Any], expected: Mapping[str, tuple], what: str) -> None:
-    bad = [f"{k}: file {tuple(np.shape(source[k]))} vs model {expected[k]}"
-           for k in sorted(expected) if tuple(np.shape(source[k])) != tuple(expected[k])]
-    if bad:
-        raise ConversionError(f"{what}: {len(bad)} misshaped key(s): {_short(bad)}")
+    return (nnx.Param, nnx.BatchStat)
 
 
 def load_state(model, params: Mapping[str, Any], what: str = "Inception") -> None:
-    """Copies params *and* batch statistics into an NNX model (also one built by `nnx.eval_shape`)."""
-    import jax.numpy as jnp
-    from flax import nnx
-
-    state = nnx.state(model, (nnx.Param, nnx.BatchStat))
-    expected = _shapes(model)
-    source = flatten(params)
-    check_keys(source, expected, what)
-    _check_shapes(source, expected, what)
-    state.replace_by_pure_dict(unflatten({k: jnp.asarray(v, jnp.float32) for k, v in source.items()}))
-    nnx.update(model, state)
+    """Copies params *and* batch statistics into an NNX model (also one built by `nnx.eval_shape`):
+    `common.load_into_model` with Inception's variables."""
+    load_into_model(model, params, what, filters=_variables())
 
 
 def convert_file(input: str, output: str, model: str | None = None,  # pylint: disable=redefined-builtin

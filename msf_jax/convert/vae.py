@@ -26,7 +26,8 @@ import re
 
 import numpy as np
 
-from msf_jax.convert.common import ConversionError, _short, read_torch_state_dict, save_params, unflatten
+from msf_jax.convert.common import (ConversionError, _short, raise_problems, read_torch_state_dict, save_params,
+                                    state_shapes, unflatten)
 
 LDM_PREFIX = "first_stage_model."
 _OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -221,18 +222,7 @@ def expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
     from msf_jax.models.vae import AutoencoderKL
 
-    model = nnx.eval_shape(lambda: AutoencoderKL(**config, rngs=nnx.Rngs(0)))
-    out = {}
-
-    def walk(tree, prefix):
-        for k, v in tree.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}/")
-            else:
-                out[f"{prefix}{k}"] = tuple(v.shape)
-
-    walk(nnx.state(model, nnx.Param).to_pure_dict(), "")
-    return out
+    return state_shapes(nnx.eval_shape(lambda: AutoencoderKL(**config, rngs=nnx.Rngs(0))))
 
 
 def convert_state_dict(sd: dict[str, np.ndarray], config: dict, layout: str = "diffusers",
@@ -258,11 +248,7 @@ def convert_state_dict(sd: dict[str, np.ndarray], config: dict, layout: str = "d
         if array.shape != shapes[name]:
             bad.append(f"{show(key)}: file {tuple(sd[key].shape)} vs model {_torch_shape(shapes[name])}")
         flat[name] = array
-    if missing or extra or bad:  # one error naming every problem
-        parts = [f"missing {len(missing)} key(s): {_short(missing)}"] if missing else []
-        parts += [f"unexpected {len(extra)} key(s): {_short(extra)}"] if extra else []
-        parts += [f"{len(bad)} misshaped key(s): {_short(bad)}"] if bad else []
-        raise ConversionError(f"{what} (config {config}): " + "; ".join(parts))
+    raise_problems(f"{what} (config {config})", missing, extra, bad)  # one error naming every problem
     return unflatten(flat)
 
 
