@@ -14,8 +14,9 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
-from msf_jax import input_pipeline, outputs, stages
+from msf_jax import input_pipeline, outputs
 from msf_jax.factorize import Factorizer
 
 
@@ -50,6 +51,7 @@ def run_demo(config, workdir: str) -> dict:
     from msf_jax.sample import Generator
 
     t_start = time.perf_counter()
+    logging.set_verbosity(logging.WARNING)  # the demo reports its own progress lines
     os.makedirs(workdir, exist_ok=True)
     _say(f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s); writing to {workdir}")
     stats_path = os.path.join(workdir, "factor_stats.json")
