@@ -243,7 +243,9 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
             is_last = step == tc.num_steps
             save_now = is_last or step % tc.checkpoint_every == 0
             log_now = is_last or step % tc.log_every == 0
-            stop_now = sigterm.raised or checkpointer.reached_preemption(step)
+            # Multi-host preemption goes through orbax's synchronized check (all hosts agree on the
+            # step); a single process also honours its own SIGTERM.
+            stop_now = checkpointer.reached_preemption(step) or (jax.process_count() == 1 and sigterm.raised)
             if save_now or log_now or stop_now:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 if not np.isfinite(metrics["loss"]):
@@ -257,6 +259,7 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
                 metrics.update(steps_per_s=steps_per_s, images_per_s=steps_per_s * tc.batch_size,
                                tflops_per_device=3 * trainer.flops_per_example * tc.batch_size * steps_per_s
                                / jax.device_count() / 1e12)
+                metrics.update({f"data/{k}": v for k, v in input_pipeline.skip_stats(data_it).items()})
                 writer.write_scalars(step, metrics)
                 last_metrics = metrics
                 if progress is not None:
@@ -275,7 +278,8 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
                 break
     checkpointer.close()
     writer.flush()
-    summary.update(step=step, metrics=last_metrics, state=state, trainer=trainer)
+    summary.update(step=step, metrics=last_metrics, state=state, trainer=trainer,
+                   data=input_pipeline.skip_stats(data_it))
     return summary
 
 

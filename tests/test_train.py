@@ -131,3 +131,22 @@ def test_grids_and_in_training_eval(tmp_path, stage):
     summary = train.train_and_evaluate(config, str(tmp_path))
     assert os.path.exists(tmp_path / "grids" / f"{stage}_step0000002.png")
     assert np.isfinite(summary["eval"]["eval/swd/mean"]) and summary["eval"]["eval/swd/mean"] > 0
+
+
+def test_folder_with_bad_files_trains_and_reports_skips(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "cats" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    Image.new("RGB", (2, 2)).save(tmp_path / "data" / "dogs" / "tiny.png")
+    Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(tmp_path / "data" / "dogs" / "cmyk.jpg")  # converted
+    config = tiny_config(num_steps=3)
+    config.data.source, config.data.folder, config.data.num_classes = "folder", str(tmp_path / "data"), 2
+    summary = train.train_and_evaluate(config, str(tmp_path / "work"))
+    assert summary["step"] == 3 and np.isfinite(summary["metrics"]["loss"])
+    assert summary["data"]["skipped/undecodable"] >= 1 and summary["data"]["skipped/too_small"] >= 1
+    assert summary["metrics"]["data/skipped_total"] == summary["data"]["skipped_total"]
