@@ -22,6 +22,9 @@ def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "
         ),
         process=process,  # "gaussian" (DiT protocol: eps + learned sigma, MSE+VLB) | "flow"
         num_train_timesteps=1000,
+        flow_t_sampling="uniform",  # flow: "uniform" | "logit_normal" training times
+        flow_logit_mean=0.0,
+        flow_logit_std=1.0,
         sampler=sampler,  # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun"
         num_sampling_steps=num_sampling_steps,
         ddim_eta=0.0,
