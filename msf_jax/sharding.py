@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules, sharded initialization, and host-local <-> global batches.
+"""Device mesh, logical-axis rules, parameter shardings, and host-local <-> global batches.
 
 Models name their parameter axes logically (`msf_jax.axes`); one rule table maps those names onto
 the mesh axes (`data`, `fsdp`, `tensor`). The batch is split over (`data`, `fsdp`). The same code
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -121,19 +121,3 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """Builds global arrays from each host's slice of the batch (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local_batch.items()}
-
-
-def sharded_init(make_model: Callable[[], nnx.Module], mesh: Mesh, rules=axes.DEFAULT_RULES):
-    """Creates a model directly in its sharded layout: no host holds a full copy of the parameters.
-
-    Returns (graphdef, state, shardings) where `state` is the nnx.State of every variable.
-    """
-    abstract = nnx.eval_shape(make_model)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
-
-    def init():
-        return nnx.split(make_model())[1]
-
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef, state, shardings

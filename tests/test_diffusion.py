@@ -1,10 +1,8 @@
 """Gaussian diffusion (DiT protocol) and flow matching against independent float64 NumPy references."""
 
-import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+import pytorch_fid.inception as pytorch_fid_inception  # the test extra installs the references
+import torch
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -343,7 +343,7 @@ def test_missing_or_empty_folder_errors(tmp_path):
 
 
 def test_tfds_source(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     cfg = data_config(source="tfds", tfds_name="imagenet2012", tfds_data_dir=str(tmp_path / "tfds"),
                       image_size=8, num_classes=1000)
     with pytest.raises(FileNotFoundError, match="manual"):

@@ -3,7 +3,6 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -136,3 +135,19 @@ def test_sample_and_evaluate_from_training_workdirs(tmp_path):
     config.sample.residual_checkpoint = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere"):
         sample_lib.make_generator(config)
+
+
+def test_single_stage_from_converted_weights(tmp_path):
+    """--mode=sample with a converted DiT file (`python -m msf_jax.convert dit` output)."""
+    from msf_jax.convert.common import save_params
+
+    config = tiny_config("dit")
+    spec = stages.stage_spec(config, "dit", Factorizer.from_config(config.factorizer))
+    model = _randomized(stages.build_model(config, "dit", spec), seed=3)
+    save_params(str(tmp_path / "dit.safetensors"), nnx.state(model, nnx.Param).to_pure_dict(), model.config)
+    config.sample.dit_checkpoint = str(tmp_path / "dit.safetensors")
+    config.sample.num_samples, config.sample.outputs = 3, "npz,grid"
+    written = sample_lib.sample_to_files(config, str(tmp_path / "out"))
+    images = np.load(written["npz"])["arr_0"]
+    direct = sample_lib.Generator(config, {"dit": model}, None)(np.arange(3), np.arange(3) % 4)
+    np.testing.assert_array_equal(images, direct)

@@ -13,12 +13,8 @@ from msf_jax.convert.common import ConversionError
 from msf_jax.convert.vae import convert_file
 from msf_jax.models import vae
 
-try:  # PyTorch references (the test extra); the JAX-only tests below run without them
-    import diffusers
-    import torch
-except ImportError:  # pragma: no cover
-    diffusers = torch = None
-needs_torch = pytest.mark.skipif(torch is None, reason="needs torch and diffusers")
+import diffusers  # PyTorch references (the test extra)
+import torch
 
 SD_KW = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
              layers_per_block=2, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * 4,
@@ -87,7 +83,6 @@ def tiny(tmp_path_factory):
     return dict(sd=sd, x=x, mean=mean, logvar=logvar, dec=dec, tmp=tmp_path_factory.mktemp("tiny"))
 
 
-@needs_torch
 def test_parity_sd_width(tmp_path):
     """Full SD configuration, 64x64 input, converted from a saved diffusers folder: 1e-4 in float32."""
     model = _torch_vae(SD_KW, seed=0)
@@ -136,7 +131,6 @@ def _ldm_state_dict(sd, levels):
     return out
 
 
-@needs_torch
 @pytest.mark.parametrize("layout", ["ldm_full_sd", "ldm_bare", "diffusers_old_names_bin"])
 def test_other_layouts(tiny, layout):
     """Original SD checkpoint (first_stage_model.* among other models' keys), bare LDM VAE, old diffusers names."""
@@ -169,7 +163,6 @@ def test_other_layouts(tiny, layout):
     _compare(ours, tiny, layout)
 
 
-@needs_torch
 def test_conversion_errors_name_keys(tiny):
     from safetensors.torch import save_file
 
