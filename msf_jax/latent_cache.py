@@ -26,9 +26,10 @@ Writing (`--mode=extract_latents`, `extract_latents(config, workdir)`):
     `compute_stats`) over z = sample_latents(mean, logvar, key, vae.scaling_factor) of every cached
     image AND its flip, one posterior sample each: the distribution training sees (random flip, fresh
     posterior noise). data.cache_stats_examples > 0 limits the pass to a seeded random subset.
-    Training uses these statistics when config.factorizer.stats_path points at
-    `<cache_dir>/factor_stats.json`. The factorizer settings they were measured with are recorded in
-    metadata.json ("factor_stats"); they are recomputed on a rerun only if those settings changed.
+    Training picks these statistics up by itself when they were measured for its factorizer
+    (`train.load_or_measure_stats`), or when config.factorizer.stats_path points at them. The
+    factorizer settings they were measured with are recorded in metadata.json ("factor_stats");
+    they are recomputed on a rerun only if those settings changed.
 
 Record format (one ArrayRecord record per kept image, options "group_size:1" for random access,
 zstd-compressed by ArrayRecord), little-endian, no pickle:
