@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +96,7 @@ class Generator:
     """Jitted two-stage (base + residual) or single-stage sampler with decoding to uint8 images."""
 
     def __init__(self, config, models: dict[str, nnx.Module], factorizer: Factorizer | None,
-                 decode: Callable[[jax.Array], jax.Array] | None = None, mesh: Mesh | None = None):
+                 decoder: "Decoder | None" = None, mesh: Mesh | None = None):
         self.config = config
         self.two_stage = "base" in models
         self.shape = stages.data_shape(config)
@@ -105,13 +105,14 @@ class Generator:
         graphdefs, states = {}, {}
         for name, model in models.items():
             graphdefs[name], states[name] = nnx.split(model)
-        replicated = NamedSharding(self.mesh, P())
-        self.states = jax.device_put(states, replicated)
+        decoder = decoder or Decoder(None, None)
+        if decoder.state is not None:
+            states["vae"] = decoder.state  # an argument, not a constant baked into the compiled program
+        self.states = jax.device_put(states, NamedSharding(self.mesh, P()))  # replicated
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         num_classes = config.data.num_classes
         cond_level = (config.residual_cond.sample_level * stages.COND_NOISE_STEPS
                       if config.residual_cond.noise_augment else None)
-        decode = decode or pixels_to_uint8
 
         def generate(states, labels, keys):
             fns = {k: stages.model_function(nnx.merge(graphdefs[k], states[k])) for k in graphdefs}
@@ -120,7 +121,7 @@ class Generator:
                                self.shape, labels, keys, num_classes, cond_level=cond_level)
             else:
                 z = sample_dit(fns["dit"], config.dit, self.shape, labels, keys, num_classes)
-            return decode(z)
+            return decoder(states.get("vae"), z)
 
         self._generate = jax.jit(generate, out_shardings=self.batch_sharding)
 
@@ -141,18 +142,34 @@ def pixels_to_uint8(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round(127.5 * x + 128.0), 0, 255).astype(jnp.uint8)
 
 
-def make_decoder(config) -> Callable[[jax.Array], jax.Array]:
-    """z -> uint8 images: identity for pixel space, the SD-VAE decoder for latent space."""
+class Decoder:
+    """z -> uint8 images: identity for pixel space (`graphdef` None), the SD-VAE decoder for latents.
+
+    Called as `decoder(state, z)` inside jit with the VAE state as an argument, so its weights are
+    not baked into the compiled program as constants.
+    """
+
+    def __init__(self, graphdef, state, scaling_factor: float = 0.18215):
+        self.graphdef, self.state, self.scaling_factor = graphdef, state, scaling_factor
+
+    def __call__(self, state, z: jax.Array) -> jax.Array:
+        if self.graphdef is None:
+            return pixels_to_uint8(z)
+        from msf_jax.models.vae import decode_latents
+
+        return pixels_to_uint8(decode_latents(nnx.merge(self.graphdef, state), z, self.scaling_factor))
+
+
+def make_decoder(config) -> Decoder:
+    """The decoder of config.space: pixels need none; latents need converted SD-VAE weights."""
     if config.space == "pixel":
-        return pixels_to_uint8
+        return Decoder(None, None)
     if not config.vae.weights:
         raise ValueError("space='latent' needs vae.weights (python -m msf_jax.convert vae ...) to decode")
-    from msf_jax.models.vae import decode_latents, load_vae
+    from msf_jax.models.vae import load_vae
 
-    vae = load_vae(config.vae.weights)
-    graphdef, state = nnx.split(vae)
-    scaling = config.vae.scaling_factor
-    return lambda z: pixels_to_uint8(decode_latents(nnx.merge(graphdef, state), z, scaling))
+    graphdef, state = nnx.split(load_vae(config.vae.weights))
+    return Decoder(graphdef, state, config.vae.scaling_factor)
 
 
 def make_generator(config) -> Generator:

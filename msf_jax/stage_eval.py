@@ -38,7 +38,8 @@ def real_latents(config, num: int, seed: int) -> tuple[jax.Array, np.ndarray]:
     return jnp.concatenate(zs)[:num], np.concatenate(labels)[:num]
 
 
-def stage_images(config, trainer, state, real_z: jax.Array, labels: np.ndarray, seed: int):
+def stage_images(config, trainer, state, decoder, vae_state, real_z: jax.Array, labels: np.ndarray,
+                 seed: int):
     """(fake, real) uint8 images for this stage, as in the module docstring."""
     factorizer, stage = trainer.factorizer, trainer.stage
     model_fn = stages.model_function(trainer.ema_model(state))
@@ -63,18 +64,18 @@ def stage_images(config, trainer, state, real_z: jax.Array, labels: np.ndarray, 
                                     cond=factorizer.condition([base]), cond_level=level)
             fake_z = factorizer.merge(base, fake_res)
             real = real_z
-    decode = make_decoder(config)
-    return decode(fake_z), decode(real)
+    return decoder(vae_state, fake_z), decoder(vae_state, real)
 
 
 def _generate(config, trainer, state, num: int, seed: int):
     real_z, labels = real_latents(config, num, seed)
+    decoder = make_decoder(config)
 
     @jax.jit
-    def run(state, real_z, labels):
-        return stage_images(config, trainer, state, real_z, labels, seed)
+    def run(state, vae_state, real_z, labels):
+        return stage_images(config, trainer, state, decoder, vae_state, real_z, labels, seed)
 
-    fake, real = run(state, real_z, labels)
+    fake, real = run(state, decoder.state, real_z, labels)
     return np.asarray(fake), np.asarray(real), labels
 
 
