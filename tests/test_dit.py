@@ -200,6 +200,30 @@ def test_conversion_errors_name_the_keys():
     dsd["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.bias"] += 1.0  # untied embedders
     with pytest.raises(ConversionError, match="embedders differ"):
         convert_diffusers_dit(dsd)
+    # Block 0's embedder missing: reported as missing keys (not a KeyError from the tie check).
+    key0 = "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.bias"
+    del dsd[key0]
+    with pytest.raises(ConversionError, match="missing") as e:
+        convert_diffusers_dit(dsd)
+    assert key0 in str(e.value)
+
+
+def test_training_checkpoint_reads_ema(tmp_path):
+    """DiT training checkpoints {"model", "ema", "opt", "args"} load (args is an argparse.Namespace) and
+    give the EMA weights; weights_only stays on, so other pickled objects are still refused."""
+    import argparse
+
+    from msf_jax.convert.common import read_torch_state_dict
+
+    model = torch.nn.Linear(3, 2)
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    torch.save({"model": model.state_dict(), "ema": ema, "opt": torch.optim.AdamW(model.parameters()).state_dict(),
+                "args": argparse.Namespace(model="DiT-XL/2", lr=1e-4)}, tmp_path / "ckpt.pt")
+    sd = read_torch_state_dict(str(tmp_path / "ckpt.pt"))
+    assert sorted(sd) == ["bias", "weight"] and np.array_equal(sd["bias"], ema["bias"].numpy())
+    torch.save({"x": ConversionError("not a tensor")}, tmp_path / "other.pt")
+    with pytest.raises(ConversionError, match="not a readable PyTorch weights file"):
+        read_torch_state_dict(str(tmp_path / "other.pt"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -217,15 +241,19 @@ def test_init_is_dit_init():
         assert not np.any(block["adaLN_modulation"]["kernel"]) and not np.any(block["adaLN_modulation"]["bias"])
         assert not np.any(block["attn"]["qkv"]["bias"])
         # xavier-uniform over the fused (D, 3D) matrix: bound sqrt(6 / (D + 3D))
-        assert np.abs(block["attn"]["qkv"]["kernel"]).max() <= np.sqrt(6 / (64 + 192)) + 1e-6
+        bound = np.sqrt(6 / (64 + 192))
+        assert 0.5 * bound < np.abs(block["attn"]["qkv"]["kernel"]).max() <= bound + 1e-6
     assert not np.any(p["final_layer"]["linear"]["kernel"])
     assert not np.any(p["final_layer"]["adaLN_modulation"]["kernel"])
     # patch embedding as a (C p², D) matrix: bound sqrt(6 / (16 + 64))
-    assert np.abs(p["x_embedder"]["kernel"]).max() <= np.sqrt(6 / (16 + 64)) + 1e-6
+    bound = np.sqrt(6 / (16 + 64))
+    assert 0.5 * bound < np.abs(p["x_embedder"]["kernel"]).max() <= bound + 1e-6
     assert abs(float(np.std(p["y_embedder"]["embedding_table"]["embedding"])) - 0.02) < 0.005
     assert p["y_embedder"]["embedding_table"]["embedding"].shape == (11, 64)  # + null class
     assert abs(float(np.std(p["t_embedder"]["linear_1"]["kernel"])) - 0.02) < 0.003
-    assert _tiny(abstract=True, class_dropout_prob=0.0).y_embedder.embedding_table.embedding.shape == (10, 32)
+    no_null = _tiny(abstract=True, class_dropout_prob=0.0)
+    assert no_null.y_embedder.embedding_table.embedding.shape == (10, 32)
+    assert model.supports_guidance and not no_null.supports_guidance  # no null-class row, no CFG
 
 
 def test_label_dropout():

@@ -6,6 +6,7 @@ configuration as JSON in its metadata: no pickle on either side.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from typing import Any, Iterable, Mapping
@@ -43,7 +44,10 @@ def read_torch_state_dict(path: str, prefix: str = "") -> dict[str, np.ndarray]:
         import torch  # weight reader only
 
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            # weights_only stays on (no arbitrary code); argparse.Namespace is allow-listed because DiT
+            # training checkpoints ({"model", "ema", "opt", "args"}) store their args as one.
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pylint: disable=broad-except
             raise ConversionError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -285,8 +285,10 @@ def _convert(state_dict: Mapping[str, Any], fmt: str, config: Mapping[str, Any] 
         if theirs.shape != ours_pos.shape or np.abs(theirs - ours_pos).max() > 1e-4:
             problems.append("pos_embed is not the fixed 2D sin-cos embedding this model uses")
     if fmt == "diffusers":  # our DiT has one timestep/class embedder; diffusers keeps a copy per block
-        differ = sorted({k.split(".", 2)[1] for k in ignored if k in sd and
-                         not np.array_equal(sd[k], sd[_DIFFUSERS_EMB.format(i=0) + k.split("norm1.emb.")[1]])})
+        # Pairs with a missing side are skipped: those keys are already reported as missing.
+        pairs = ((k, _DIFFUSERS_EMB.format(i=0) + k.split("norm1.emb.")[1]) for k in ignored)
+        differ = sorted({k.split(".", 2)[1] for k, ref in pairs if k in sd and ref in sd and
+                         not np.array_equal(sd[k], sd[ref])})
         if differ:
             problems.append(f"per-block timestep/class embedders differ from block 0's in block(s) "
                             f"{', '.join(differ)}: DiT shares one embedder")

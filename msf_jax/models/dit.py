@@ -96,7 +96,12 @@ class TimestepEmbedder(nnx.Module):
 
 
 class LabelEmbedder(nnx.Module):
-    """Embeds class labels; with dropout > 0 the table has a null-class row (index num_classes) for CFG."""
+    """Embeds class labels; with dropout > 0 the table has a null-class row (index num_classes) for CFG.
+
+    With dropout_prob == 0 there is no null-class row: the table has num_classes rows only, and label
+    num_classes is out of range (jnp.take gives NaN, silently), so such a model cannot run
+    classifier-free guidance. Check `DiT.supports_guidance` before requesting it.
+    """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float, *, dtype, param_dtype,
                  rngs: nnx.Rngs):
@@ -273,6 +278,13 @@ class DiT(nnx.Module):
                     num_classes=self.num_classes, learn_sigma=self.learn_sigma,
                     cond_channels=self.cond_channels, noise_cond=self.noise_cond,
                     timestep_freq_shift=self.timestep_freq_shift)
+
+    @property
+    def supports_guidance(self) -> bool:
+        """True iff the label table has a null-class row (class_dropout_prob > 0), i.e. label num_classes
+        is valid and classifier-free guidance can be used. Without it the null label silently embeds to
+        NaN, so callers requesting guidance should check this and raise."""
+        return self.class_dropout_prob > 0
 
     def patchify(self, x: jax.Array) -> jax.Array:
         """(N, H, W, C) -> (N, T, p*p*C), tokens row-major, features in (p, q, c) order."""

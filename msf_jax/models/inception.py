@@ -39,7 +39,7 @@ SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 
 def _meta(*names):
     # Logical axes only (replicated by the default rules); no eager sharding, so no mesh is needed.
-    return {"sharding_names": names, "eager_sharding": False}
+    return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
 def resize_bilinear(images: jax.Array, size: int = INPUT_SIZE) -> jax.Array:
