@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
         read_threads=8,
         min_image_side=0,  # images with a smaller side are skipped and counted (0 = image_size // 4)
         train_split="train",
-        eval_split="validation",
+        eval_split="train",  # real images for reference statistics (ADM's references use train)
         tfds_image_key="image",
         tfds_label_key="label",
         tfds_manual_dir="",  # where imagenet2012's tar files are ("" = <data_dir>/downloads/manual)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi-host GPU training under SLURM: one process per node, all local GPUs per process.
-#   sbatch --nodes=4 --gpus-per-node=8 launch/gpu_slurm.sh configs/msf_256.py base /shared/runs/msf_base
+#   sbatch --nodes=4 --gpus-per-node=8 launch/gpu_slurm.sh configs/msf_256.py base /shared/runs/msf_base \
+#     --config.data.cache_dir=/shared/latents
 # jax.distributed.initialize() picks up SLURM's variables (msf_jax.sharding.maybe_initialize_distributed).
 #SBATCH --ntasks-per-node=1
 #SBATCH --exclusive

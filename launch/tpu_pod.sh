@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Train one MSF stage on a Cloud TPU pod slice: the same command runs on every worker.
-#   TPU_NAME=my-v5p-64 ZONE=us-east5-a WORKDIR=gs://bucket/msf_base STAGE=base bash launch/tpu_pod.sh
+#   TPU_NAME=my-v5p-64 ZONE=us-east5-a WORKDIR=/mnt/gcs/msf_base STAGE=base \
+#     EXTRA="--config.data.cache_dir=/mnt/gcs/latents" bash launch/tpu_pod.sh
+# WORKDIR and the latent cache must be a path every worker sees (a GCS FUSE or NFS mount).
 # Each worker reads its own shard of the latent cache; jax.distributed.initialize() is automatic on TPU.
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}"

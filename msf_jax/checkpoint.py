@@ -13,12 +13,12 @@ import os
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 
 # Settings that must agree between a checkpoint and the run restoring it.
 _MODEL_KEYS = ("stage", "space", "data.image_size", "data.num_classes", "factorizer.mode",
-               "factorizer.factor", "factorizer.levels")
+               "factorizer.factor", "factorizer.levels", "factorizer.upsample", "factorizer.standardize",
+               "residual_cond.noise_augment")
 
 
 class CheckpointMismatchError(ValueError):
@@ -38,6 +38,8 @@ def _model_signature(config_dict: dict) -> dict:
     if stage:
         for k, v in (_get(config_dict, f"{stage}.model") or {}).items():
             sig[f"{stage}.model.{k}"] = v
+        for k in ("process", "num_train_timesteps"):  # the objective the weights were trained for
+            sig[f"{stage}.{k}"] = _get(config_dict, f"{stage}.{k}")
     return sig
 
 
@@ -107,7 +109,3 @@ def config_to_dict(config) -> dict:
     """A JSON-safe dict of an ml_collections config (tuples become lists)."""
     return json.loads(config.to_json())
 
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) of a tree of arrays: the restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -169,13 +169,13 @@ def compute_image_stats(images_iter: Iterable[np.ndarray], feature_fn: Callable,
 # ------------------------------------------------------------------ Inception score, precision/recall
 
 
-def inception_score(logits, splits: int = 10) -> float:
-    """exp(E_x KL(p(y|x) || p(y))), averaged over `splits` consecutive chunks (ADM: 50k in 10 × 5000)."""
+def inception_score(logits, split_size: int = 5000) -> float:
+    """exp(E_x KL(p(y|x) || p(y))), averaged over consecutive chunks of `split_size` as the ADM
+    evaluator does (50k samples: 10 chunks of 5000; 2000 samples: one chunk)."""
     logits = np.asarray(logits, np.float64)
     logits = logits - logits.max(axis=1, keepdims=True)
     preds = np.exp(logits)
     preds /= preds.sum(axis=1, keepdims=True)
-    split_size = -(-len(preds) // max(1, min(splits, len(preds))))
     scores = []
     for i in range(0, len(preds), split_size):
         part = preds[i:i + split_size]

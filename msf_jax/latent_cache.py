@@ -144,7 +144,7 @@ def _sidecar_name(shard: int, num_shards: int) -> str:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
+    tmp = f"{path}.tmp.{jax.process_index()}.{os.getpid()}"  # hosts may write the same file at once
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -388,10 +388,8 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
         multihost_utils.sync_global_devices("msf_jax.latent_cache.extract")
-    if pi != 0:
-        return None
-    metadata = _finalize(config, cache_dir, spec, ignored)
-    if jax.process_count() > 1:
+    metadata = _finalize(config, cache_dir, spec, ignored) if pi == 0 else None
+    if jax.process_count() > 1:  # every host waits here until host 0 has written the metadata
         from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
         multihost_utils.sync_global_devices("msf_jax.latent_cache.finalize")

@@ -46,8 +46,23 @@ def sample_dit(model_fn, stage_cfg, latent_shape_hwc, labels, sample_keys, num_c
                         num_classes)
 
 
+def residual_condition(factorizer, components, cond_level, sample_keys, k: int = 1):
+    """The residual stage's conditioning input from the components so far, as in training: the base
+    is noised to `cond_level` (model units) with per-sample noise `fold_in(key_i, 1000 + k)` when the
+    level is not a static 0 or None, then `factorizer.condition`."""
+    so_far = components
+    if cond_level is not None and not (isinstance(cond_level, (int, float)) and cond_level == 0):
+        from msf_jax.stages import noise_condition  # noqa: PLC0415 (imports the models)
+        base = components[0]
+        noise = jax.vmap(lambda kk: jax.random.normal(
+            jax.random.fold_in(kk, COND_NOISE_KEY_OFFSET + k), base.shape[1:], jnp.float32))(sample_keys)
+        level_arr = jnp.full((base.shape[0],), cond_level, jnp.float32)
+        so_far = [noise_condition(base, level_arr, noise)] + list(components[1:])
+    return factorizer.condition(so_far)
+
+
 def sample_msf(base_fn, residual_fn: Callable | Sequence[Callable], factorizer, base_cfg, residual_cfg,
-               latent_shape_hwc, labels, sample_keys, num_classes: int, cond_level: float | None = 0.0):
+               latent_shape_hwc, labels, sample_keys, num_classes: int, cond_level: float | None = None):
     """MSF: base sampler -> factorizer.condition -> residual sampler(s) -> compose. Returns z (N,H,W,C).
 
     `residual_fn` is one model function, or one per residual level (factorizer.levels > 1; a single
@@ -73,15 +88,7 @@ def sample_msf(base_fn, residual_fn: Callable | Sequence[Callable], factorizer, 
                                num_classes)]
     level_arr = None if cond_level is None else jnp.full((n,), cond_level, jnp.float32)
     for k in range(1, levels + 1):
-        so_far = components
-        if cond_level is not None and not (isinstance(cond_level, (int, float)) and cond_level == 0):
-            # Noise the base (the component the residual stage is trained to see noised), as in training.
-            from msf_jax.stages import noise_condition  # noqa: PLC0415 (imports the models)
-            base = components[0]
-            noise = jax.vmap(lambda kk: jax.random.normal(
-                jax.random.fold_in(kk, COND_NOISE_KEY_OFFSET + k), base.shape[1:], jnp.float32))(sample_keys)
-            so_far = [noise_condition(base, level_arr, noise)] + components[1:]
-        cond = factorizer.condition(so_far)
+        cond = residual_condition(factorizer, components, cond_level, sample_keys, k)
         components.append(sample_stage(residual_fns[k - 1], residual_cfg, shapes[k], labels,
                                        stage_keys(sample_keys, k), num_classes, cond=cond,
                                        cond_level=level_arr))

@@ -67,8 +67,10 @@ def load_stage_model(config, stage: str, source: str, *, use_ema: bool = True) -
     stage_config = config.copy_and_resolve_references()
     with stage_config.unlocked():
         stage_config.stage = stage
+        stage_config.mesh.shape = (-1, 1, 1)  # sampling: weights replicated on this host's devices
+        stage_config.mesh.num_slices = 1
     stats = load_stats(config, source)
-    mesh = sharding.create_mesh(stage_config.mesh)
+    mesh = sharding.create_mesh(stage_config.mesh, devices=jax.local_devices())
     trainer = Trainer(stage_config, mesh, stats)
     checkpointer = ckpt_lib.RunCheckpointer(source)
     if checkpointer.latest_step() is None:
@@ -104,6 +106,9 @@ class Generator:
         self.num_devices = self.mesh.devices.size
         graphdefs, states = {}, {}
         for name, model in models.items():
+            if float(config[name].guidance_scale) != 1.0 and not getattr(model, "supports_guidance", True):
+                raise ValueError(f"{name}: guidance_scale={config[name].guidance_scale} needs a model trained "
+                                 "with label dropout (class_dropout_prob > 0): this one has no null class")
             graphdefs[name], states[name] = nnx.split(model)
         decoder = decoder or Decoder(None, None)
         if decoder.state is not None:
@@ -128,7 +133,9 @@ class Generator:
     def __call__(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """uint8 (N,H,W,3) images of the given sample indices and labels."""
         n = len(indices)
-        padded = -(-n // self.num_devices) * self.num_devices  # a multiple of the device count
+        # One batch shape (sample.batch_size, a multiple of the device count): no recompilation
+        # for a short last batch.
+        padded = -(-max(n, int(self.config.sample.batch_size)) // self.num_devices) * self.num_devices
         idx = np.concatenate([indices, np.full(padded - n, indices[-1])]).astype(np.int64)
         lab = np.concatenate([labels, np.full(padded - n, labels[-1])]).astype(np.int32)
         keys = sample_keys(self.config.seed, idx)
@@ -138,8 +145,10 @@ class Generator:
 
 
 def pixels_to_uint8(x: jax.Array) -> jax.Array:
-    """[-1, 1] float images -> uint8, as DiT's sampler (round of 127.5 x + 128, clipped)."""
-    return jnp.clip(jnp.round(127.5 * x + 128.0), 0, 255).astype(jnp.uint8)
+    """[-1, 1] float images -> uint8 exactly as DiT's sampler: clip(127.5 x + 128, 0, 255), truncated."""
+    from msf_jax.models.vae import to_uint8
+
+    return to_uint8(x)
 
 
 class Decoder:
@@ -179,6 +188,11 @@ def make_generator(config) -> Generator:
         models = {"base": load_stage_model(config, "base", sc.base_checkpoint, use_ema=sc.use_ema),
                   "residual": load_stage_model(config, "residual", sc.residual_checkpoint, use_ema=sc.use_ema)}
         stats = load_stats(config, sc.base_checkpoint)
+        residual_stats = load_stats(config, sc.residual_checkpoint)
+        if stats is not None and not all(
+                np.allclose(a, b) for a, b in zip(stats.means + stats.stds, residual_stats.means + residual_stats.stds)):
+            raise ValueError(f"the base ({sc.base_checkpoint}) and residual ({sc.residual_checkpoint}) stages "
+                             "were trained with different factorizer statistics")
         factorizer = Factorizer.from_config(config.factorizer, stats=stats)
     else:
         models = {"dit": load_stage_model(config, "dit", sc.dit_checkpoint, use_ema=sc.use_ema)}
@@ -201,6 +215,7 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
     os.makedirs(parts_dir, exist_ok=True)
     n, shard = int(sc.num_samples), int(sc.shard_size)
     num_shards = -(-n // shard)
+    _check_run_spec(os.path.join(out_dir, "run_spec.json"), config)
     mine = [s for s in range(num_shards) if s % jax.process_count() == jax.process_index()]
     todo = [s for s in mine if not os.path.exists(_part_path(parts_dir, s))]
     done_count = sum(min(shard, n - s * shard) for s in mine if s not in todo)
@@ -243,6 +258,27 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
         if "tfrecord" in wanted:
             written["tfrecords"] = sorted(glob.glob(os.path.join(out_dir, "shard-*.tfrecord")))
     return written
+
+
+def _check_run_spec(path: str, config) -> None:
+    """Finished parts are reused on a rerun only if they were sampled with the same settings."""
+    import json
+
+    keys = ("seed", "space", "data", "factorizer", "base", "residual", "dit", "residual_cond", "vae")
+    full = json.loads(config.to_json())
+    spec = {k: full.get(k) for k in keys}
+    spec["sample"] = {k: v for k, v in full["sample"].items() if k not in ("batch_size", "outputs")}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != spec:
+            changed = sorted(k for k in spec if old.get(k) != spec[k])
+            raise ValueError(f"{os.path.dirname(path)} holds samples made with other settings ({', '.join(changed)}): "
+                             "use another workdir or delete it")
+    elif jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(spec, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def _part_path(parts_dir: str, shard: int) -> str:

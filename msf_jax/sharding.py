@@ -108,6 +108,15 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules=axes.DEFAULT_RULES) -
     return jax.tree.map(to_sharding, specs, abstract_state, is_leaf=is_leaf)
 
 
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `abstract_tree` carrying the matching NamedShardings (one per array leaf)."""
+    leaves, treedef = jax.tree.flatten(abstract_tree)
+    sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    if len(sh) != len(leaves):
+        raise ValueError(f"{len(sh)} shardings for {len(leaves)} arrays")
+    return treedef.unflatten([jax.ShapeDtypeStruct(l.shape, l.dtype, sharding=s) for l, s in zip(leaves, sh)])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

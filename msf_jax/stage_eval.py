@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from msf_jax import input_pipeline, outputs, stages
-from msf_jax.pipeline import sample_stage
+from msf_jax.pipeline import residual_condition, sample_stage
 from msf_jax.sample import make_decoder, sample_keys
 
 
@@ -57,25 +58,34 @@ def stage_images(config, trainer, state, decoder, vae_state, real_z: jax.Array, 
             fake_z = factorizer.merge(fake_base, jnp.zeros_like(residual))
             real = factorizer.merge(base, jnp.zeros_like(residual))
         else:
-            level = None
-            if config.residual_cond.noise_augment:
-                level = jnp.full((len(labels),), config.residual_cond.sample_level * stages.COND_NOISE_STEPS)
+            level = (config.residual_cond.sample_level * stages.COND_NOISE_STEPS
+                     if config.residual_cond.noise_augment else None)
+            cond = residual_condition(factorizer, [base], level, keys)  # noised as the sampler does
             fake_res = sample_stage(model_fn, stage_cfg, trainer.spec.target_shape, labels, keys, num_classes,
-                                    cond=factorizer.condition([base]), cond_level=level)
+                                    cond=cond, cond_level=None if level is None else
+                                    jnp.full((len(labels),), level, jnp.float32))
             fake_z = factorizer.merge(base, fake_res)
             real = real_z
     return decoder(vae_state, fake_z), decoder(vae_state, real)
 
 
 def _generate(config, trainer, state, num: int, seed: int):
-    real_z, labels = real_latents(config, num, seed)
-    decoder = make_decoder(config)
+    """(fake, real, labels) as host numpy arrays. Every host must call it (the state is global)."""
+    real_z, labels = real_latents(config, num, seed)  # the same data on every host
+    cache = trainer.__dict__.setdefault("_stage_eval_fns", {})  # compiled once per (num, seed)
+    if (num, seed) not in cache:
+        decoder = make_decoder(config)
+        replicated = NamedSharding(trainer.mesh, P())
 
-    @jax.jit
-    def run(state, vae_state, real_z, labels):
-        return stage_images(config, trainer, state, decoder, vae_state, real_z, labels, seed)
+        def run(state, vae_state, real_z, labels):
+            return stage_images(config, trainer, state, decoder, vae_state, real_z, labels, seed)
 
-    fake, real = run(state, decoder.state, real_z, labels)
+        cache[(num, seed)] = (jax.jit(run, out_shardings=replicated), decoder, replicated)
+    run, decoder, replicated = cache[(num, seed)]
+    # Host-local inputs become replicated global arrays, and outputs are replicated, so this also
+    # runs on multi-host meshes, where every process holds the whole result.
+    put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))  # noqa: E731
+    fake, real = run(state, decoder.state, put(real_z), put(labels))
     return np.asarray(fake), np.asarray(real), labels
 
 
@@ -86,6 +96,8 @@ def training_grid(config, trainer, state, workdir: str, step: int) -> str | None
     cols = min(config.data.num_classes, 10)
     n = cols * max(1, config.train.sample_grid_size // cols)
     fake, real, _ = _generate(config, trainer, state, n, config.seed + 17)
+    if jax.process_index() != 0:
+        return None
     grid = outputs.image_grid(np.concatenate([fake, real]), nrow=cols)
     path = os.path.join(workdir, "grids", f"{trainer.stage}_step{step:07d}.png")
     return outputs.save_png(path, grid, upscale=max(1, 128 // fake.shape[1]))

@@ -71,8 +71,11 @@ class Trainer:
         abstract_model = nnx.eval_shape(self._make_model)
         self.graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
         self.flops_per_example = dit_flops_per_example(abstract_model)
-        self.abstract_state = jax.eval_shape(self._init_state)
-        self.state_shardings = sharding.state_shardings(self.abstract_state, mesh, self.rules)
+        abstract = jax.eval_shape(self._init_state)
+        self.state_shardings = sharding.state_shardings(abstract, mesh, self.rules)
+        # The restore target carries the shardings, so a checkpoint restores straight into this
+        # mesh's layout (also when it was written on another mesh or another number of hosts).
+        self.abstract_state = sharding.with_shardings(abstract, self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
@@ -125,8 +128,9 @@ class Trainer:
 
 def measure_stats(config, factorizer: Factorizer, num_batches: int) -> FactorStats:
     """Per-channel statistics of every factorizer component over `num_batches` training batches."""
+    # Every host reads the same (first) shard, so all hosts standardize with identical statistics.
     it = input_pipeline.create_train_iterator(config.data, global_batch_size=config.train.batch_size,
-                                              seed=config.seed + 1)
+                                              seed=config.seed + 1, process_index=0, process_count=1)
     key = jax.random.key(config.seed + 1)
 
     def batches():
@@ -157,7 +161,8 @@ def load_or_measure_stats(config, workdir: str) -> FactorStats | None:
         stats = measure_stats(config, Factorizer.from_config(config.factorizer), config.factorizer.stats_batches)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        stats.save(path)  # a resumed run uses exactly the statistics it started with
+        stats.save(path + ".tmp")  # a resumed run uses exactly the statistics it started with
+        os.replace(path + ".tmp", path)
     return stats
 
 
@@ -167,8 +172,9 @@ def _latent_cache_stats(config) -> FactorStats | None:
         return None
     import json
 
-    meta_path = os.path.join(config.data.cache_dir, "metadata.json")
-    stats_path = os.path.join(config.data.cache_dir, "factor_stats.json")
+    cache_dir = os.path.expanduser(config.data.cache_dir)
+    meta_path = os.path.join(cache_dir, "metadata.json")
+    stats_path = os.path.join(cache_dir, "factor_stats.json")
     if not (os.path.exists(meta_path) and os.path.exists(stats_path)):
         return None
     with open(meta_path) as f:
@@ -267,7 +273,7 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
                 t_log, step_log = time.perf_counter(), step
             if save_now or stop_now:
                 checkpointer.save(step, state, data_it, config_dict, force=True)
-            if tc.sample_every and (step % tc.sample_every == 0 or is_last) and jax.process_index() == 0:
+            if tc.sample_every and (step % tc.sample_every == 0 or is_last):  # all hosts: it is a collective
                 _write_sample_grid(config, trainer, state, workdir, step)
             if tc.eval_every and (step % tc.eval_every == 0 or is_last):
                 summary["eval"] = _periodic_eval(config, trainer, state, step)

@@ -75,11 +75,11 @@ def test_compute_image_stats_uses_feature_fn():
 
 
 def test_inception_score_uniform_and_confident():
-    assert evaluate.inception_score(np.zeros((100, 1008)), splits=10) == pytest.approx(1.0)
+    assert evaluate.inception_score(np.zeros((100, 1008)), split_size=10) == pytest.approx(1.0)
     classes = 10
     logits = np.full((200, classes), -50.0)
     logits[np.arange(200), np.arange(200) % classes] = 50.0
-    assert evaluate.inception_score(logits, splits=2) == pytest.approx(classes, rel=1e-6)
+    assert evaluate.inception_score(logits, split_size=len(logits) // 2) == pytest.approx(classes, rel=1e-6)
 
 
 def test_precision_recall():

@@ -236,7 +236,8 @@ def test_sample_msf():
 
     @jax.jit
     def run(k):
-        return (pipeline.sample_msf(base_fn, res_fn, fz, base_cfg, res_cfg, shape, labels, k, num_classes=10),
+        return (pipeline.sample_msf(base_fn, res_fn, fz, base_cfg, res_cfg, shape, labels, k, num_classes=10,
+                                    cond_level=0.0),
                 by_hand(k),
                 pipeline.sample_msf(base_fn, [residual_fn, residual_fn], fz2, base_cfg, res_cfg, shape, labels, k,
                                     num_classes=10, cond_level=None))

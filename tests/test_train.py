@@ -150,3 +150,14 @@ def test_folder_with_bad_files_trains_and_reports_skips(tmp_path):
     assert summary["step"] == 3 and np.isfinite(summary["metrics"]["loss"])
     assert summary["data"]["skipped/undecodable"] >= 1 and summary["data"]["skipped/too_small"] >= 1
     assert summary["metrics"]["data/skipped_total"] == summary["data"]["skipped_total"]
+
+
+def test_resume_on_another_mesh(tmp_path):
+    """A checkpoint restores straight into the new mesh's layout (restore target carries shardings)."""
+    train.train_and_evaluate(tiny_config(num_steps=2), str(tmp_path))
+    config = tiny_config(num_steps=3)
+    config.mesh.shape = (2, 2, 2)
+    resumed = train.train_and_evaluate(config, str(tmp_path))
+    assert resumed["start_step"] == 2 and resumed["step"] == 3 and np.isfinite(resumed["metrics"]["loss"])
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(resumed["state"]["params"])}
+    assert str(P("fsdp", "tensor")) in specs
