@@ -10,3 +10,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # torch is a CPU reference here
+
+# The PyTorch references must be imported before TensorFlow: diffusers pulls in torch._dynamo, which
+# imports triton, and triton segfaults when TensorFlow's LLVM is already loaded (seen with
+# `pytest tests/test_latent_cache.py tests/test_vae.py`). Importing them here makes any order safe.
+import diffusers  # noqa: E402,F401
+import torch  # noqa: E402,F401
