@@ -44,7 +44,7 @@ Optional config.data fields (read with defaults when the config lacks them): cac
 examples per shard), cache_batch_size (128 images per host per VAE call, plus their flips),
 cache_stats_examples (0 = statistics over the whole cache), cache_source ("" = inferred, see above).
 
-Reading (`config.data.source = "latent_cache"`, registered with `msf_jax.input_pipeline`):
+Reading (`config.data.source = "latent_cache"`; `msf_jax.input_pipeline` imports this module on first use):
 `create_train_iterator` yields dict(mean=float32 (B, h, w, c), logvar=float32 (B, h, w, c),
 label=int32 (B,)): per-host sharded, shuffled per epoch, infinite, checkpointable (grain iterator
 state), with the image or its flip chosen at random per example and per epoch (seeded, only when
@@ -496,7 +496,7 @@ def _checked_metadata(data_cfg) -> tuple[str, dict[str, Any]]:
 
 
 def create_train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    """The `latent_cache` source's train_fn (see `input_pipeline.register_source`)."""
+    """The `latent_cache` source's train_fn (`input_pipeline` calls it for source "latent_cache")."""
     cache_dir, metadata = _checked_metadata(data_cfg)
     example_fn = functools.partial(_cache_example, random_flip=bool(data_cfg.random_flip))
     get = functools.partial(input_pipeline._get, data_cfg)  # pylint: disable=protected-access
@@ -512,7 +512,7 @@ def create_eval_images(data_cfg, *, num_images: int, seed: int) -> dict[str, np.
     cache_dir, metadata = _checked_metadata(data_cfg)
     desc = metadata["source"]
     cfg = copy.deepcopy(data_cfg)
-    with cfg.unlocked() if hasattr(cfg, "unlocked") else _nullcontext():
+    with cfg.unlocked():
         cfg.source = desc["kind"]
         if desc["kind"] == "folder":
             cfg.folder = desc["folder"]
@@ -525,12 +525,3 @@ def create_eval_images(data_cfg, *, num_images: int, seed: int) -> dict[str, np.
         raise type(e)(f"eval images of latent cache {cache_dir!r} come from its source dataset: {e}") from e
 
 
-class _nullcontext:  # pylint: disable=invalid-name
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-input_pipeline.register_source("latent_cache", create_train_iterator, create_eval_images)

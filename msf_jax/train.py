@@ -76,7 +76,6 @@ class Trainer:
         # The restore target carries the shardings, so a checkpoint restores straight into this
         # mesh's layout (also when it was written on another mesh or another number of hosts).
         self.abstract_state = sharding.with_shardings(abstract, self.state_shardings)
-        self.batch_sharding = sharding.batch_sharding(mesh)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
         self.train_step = jax.jit(self._train_step, donate_argnums=0,
                                   out_shardings=(self.state_shardings, sharding.replicated(mesh)))

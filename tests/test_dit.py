@@ -9,9 +9,8 @@ from flax import nnx
 
 from msf_jax import axes
 from msf_jax.convert import __main__ as convert_cli
-from msf_jax.convert.common import ConversionError, flatten, unflatten
-from msf_jax.convert.dit import (convert_diffusers_dit, convert_official_dit, infer_config, load_dit,
-                                 load_params_into)
+from msf_jax.convert.common import ConversionError, flatten, load_into_model, unflatten
+from msf_jax.convert.dit import convert_diffusers_dit, convert_official_dit, infer_config, load_dit
 from msf_jax.models.dit import DIT_CONFIGS, DiT, dit_flops_per_example, dit_from_config
 
 # Two small diffusers configs: (layers, heads, head_dim, patch, sample_size, in_channels, classes).
@@ -106,7 +105,7 @@ def test_parity_with_diffusers(cfg):
         layers, heads * head_dim, patch, classes)
     # diffusers' timestep embedding divides the frequency exponent by half-1 (official DiT: half).
     config["timestep_freq_shift"] = 1
-    ours = load_params_into(nnx.eval_shape(lambda: DiT(**config, rngs=nnx.Rngs(0))), convert_diffusers_dit(sd))
+    ours = load_into_model(nnx.eval_shape(lambda: DiT(**config, rngs=nnx.Rngs(0))), convert_diffusers_dit(sd), "DiT")
 
     x, t, y = _inputs(cfg)
     ref = _torch_forward(ref_model, x, t, y)

@@ -328,11 +328,6 @@ def _diffusers_hints(path: str) -> dict[str, Any]:
     return hints
 
 
-def load_params_into(model: DiT, params: Mapping[str, Any], what: str = "DiT") -> DiT:
-    """`common.load_into_model` with DiT's default error label (kept for callers of this name)."""
-    return load_into_model(model, params, what)
-
-
 def convert_file(input: str, output: str, model: str | None = None, input_size: int | None = None) -> str:
     """Converts a DiT weight file (official or diffusers) to `output` (.safetensors); returns a summary."""
     state_dict = read_torch_state_dict(input)

@@ -77,7 +77,6 @@ class Attention(nnx.Module):
     """Single-head spatial self-attention with pre-GroupNorm and a residual connection."""
 
     def __init__(self, c, groups, *, dtype, param_dtype, rngs):
-        self.dtype = dtype
         self.group_norm = _norm(c, groups, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         lin = lambda: nnx.Linear(c, c, dtype=dtype, param_dtype=param_dtype, rngs=rngs,  # noqa: E731
                                  kernel_metadata=_meta(axes.CONV_IN, axes.CONV_OUT),
