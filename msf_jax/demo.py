@@ -16,7 +16,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from msf_jax import input_pipeline, outputs
+from msf_jax import outputs
+from msf_jax.data import input_pipeline
 from msf_jax.factorize import Factorizer
 
 

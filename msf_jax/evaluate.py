@@ -438,7 +438,7 @@ def evaluate_from_config(config, workdir: str) -> dict[str, Any]:
         samples_path = found[-1]
     reference = ec.reference
     if not reference:
-        from msf_jax import input_pipeline
+        from msf_jax.data import input_pipeline
 
         reference = input_pipeline.create_eval_images(config.data, num_images=int(ec.num_samples),
                                                       seed=int(config.seed) + 1000)["image"]

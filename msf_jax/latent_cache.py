@@ -71,7 +71,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msf_jax import axes, input_pipeline
+from msf_jax import axes
+from msf_jax.data import input_pipeline
 from msf_jax.data.images import SKIP_REASONS, SkipCounter, min_side_for
 from msf_jax.factorize import Factorizer, compute_stats
 from msf_jax.models.vae import make_encode_fn, sample_latents

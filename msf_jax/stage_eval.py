@@ -18,7 +18,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from msf_jax import input_pipeline, outputs, stages
+from msf_jax import outputs, stages
+from msf_jax.data import input_pipeline
 from msf_jax.pipeline import residual_condition, sample_stage
 from msf_jax.sample import make_decoder, sample_keys
 

@@ -22,7 +22,8 @@ from clu import metric_writers
 from flax import nnx
 
 from msf_jax import checkpoint as ckpt_lib
-from msf_jax import input_pipeline, sharding, stages
+from msf_jax import sharding, stages
+from msf_jax.data import input_pipeline
 from msf_jax.diffusion import make_process
 from msf_jax.factorize import Factorizer, FactorStats, compute_stats
 from msf_jax.models.dit import dit_flops_per_example

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msf_jax import input_pipeline as ip
+from msf_jax.data import input_pipeline as ip
 from msf_jax.data import images as images_lib
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from PIL import Image
 
 from configs import default
-from msf_jax import input_pipeline as ip
+from msf_jax.data import input_pipeline as ip
 from msf_jax import latent_cache as lc
 from msf_jax import train
 from msf_jax.factorize import FactorStats

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fixed_batch(config, seed=0):
-    from msf_jax import input_pipeline
+    from msf_jax.data import input_pipeline
 
     it = input_pipeline.create_train_iterator(config.data, global_batch_size=config.train.batch_size, seed=seed)
     batch = next(it)
