@@ -38,9 +38,9 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         results = evaluate.evaluate_from_config(config, workdir)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
     elif mode == "extract_latents":
-        from msf_jax import latent_cache
+        from msf_jax import extract
 
-        latent_cache.extract_latents(config, workdir)
+        extract.extract_latents(config, workdir)
     elif mode == "demo":
         from msf_jax import demo
 

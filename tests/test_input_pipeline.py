@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from msf_jax.data import input_pipeline as ip
+from configs import default
 from msf_jax.data import images as images_lib
+from msf_jax.data import input_pipeline as ip
+from msf_jax.data import sources
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(dict(
-        source="synthetic", tfds_name="imagenet2012", tfds_data_dir="", folder="", cache_dir="",
-        image_size=32, num_classes=10, random_flip=True, num_workers=0, shuffle_buffer=0))
+    cfg = default.get_config().data
+    cfg.update(dict(source="synthetic", image_size=32, num_classes=10, num_workers=0))
     cfg.update(overrides)
     return cfg
 
@@ -316,7 +317,7 @@ def test_flip_is_per_example_and_seeded():
     record = {"image": _encode(Image.fromarray(left_right), "PNG"), "label": 0}
     def run(seed):
         rng = np.random.default_rng(seed)
-        return [ip._decode_example(record, rng, image_size=32, min_side=8, random_flip=True)["image"][0, 0, 0]
+        return [sources.decode_example(record, rng, image_size=32, min_side=8, random_flip=True)["image"][0, 0, 0]
                 for _ in range(40)]
     flips = run(0)
     assert set(flips) == {0, 255} and run(0) == flips and run(1) != flips

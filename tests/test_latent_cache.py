@@ -13,9 +13,10 @@ from flax import nnx
 from PIL import Image
 
 from configs import default
+from msf_jax import extract, train
 from msf_jax.data import input_pipeline as ip
-from msf_jax import latent_cache as lc
-from msf_jax import train
+from msf_jax.data import latent_cache as lc
+from msf_jax.data import sources
 from msf_jax.factorize import FactorStats
 from msf_jax.models import vae as vae_lib
 from tests.tiny import tiny_config
@@ -93,9 +94,9 @@ def test_round_trip_counts_and_reader(folder, vae, tmp_path, monkeypatch):
         written.append((np.array(mean), np.array(logvar), label, index))
         return real_encode_record(mean, logvar, label, index)
 
-    monkeypatch.setattr(lc, "encode_record", spy)
+    monkeypatch.setattr(extract, "encode_record", spy)
     config = make_config(folder, tmp_path / "cache")
-    meta = lc.extract_latents(config, str(tmp_path), vae=vae)
+    meta = extract.extract_latents(config, str(tmp_path), vae=vae)
 
     # Counts: every good image once; bad files skipped by reason; the text file ignored at listing.
     assert meta["num_examples"] == NUM_GOOD == len(written)
@@ -114,7 +115,7 @@ def test_round_trip_counts_and_reader(folder, vae, tmp_path, monkeypatch):
         assert (r["label"], r["index"]) == (label, index)
 
     # ... and they are the VAE's moments of the ADM-cropped image ([0]) and of its mirror image ([1]).
-    source, _ = ip._folder_source(config.data)
+    source, _ = sources.folder_source(config.data)
     crops = np.stack([ip.center_crop_arr(ip.load_image_rgb(source.path(r["index"])), 32) for r in records])
     assert [int(source[r["index"]]["label"]) for r in records] == [r["label"] for r in records]
     encode = vae_lib.make_encode_fn(vae)
@@ -176,10 +177,10 @@ def _shard_files(cache_dir):
 def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch):
     # One image per VAE call: shards hold 4 good images each (shard 0: 00 03 06 09 corrupt).
     cfg = lambda cache_dir, **kw: make_config(folder, cache_dir, cache_batch_size=1, **kw)  # noqa: E731
-    real = functools.lru_cache(lc.make_encode_fn)  # compile the encoder once for all runs below
-    monkeypatch.setattr(lc, "make_encode_fn", real)
+    real = functools.lru_cache(extract.make_encode_fn)  # compile the encoder once for all runs below
+    monkeypatch.setattr(extract, "make_encode_fn", real)
     full = tmp_path / "full"
-    lc.extract_latents(cfg(full), None, vae=vae)
+    extract.extract_latents(cfg(full), None, vae=vae)
 
     # Killed in the middle of the second shard (at its third image: two are encoded, one written),
     # plus a stale .tmp of the last shard left by some earlier crash.
@@ -197,9 +198,9 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
         return encode
 
     part = tmp_path / "part"
-    monkeypatch.setattr(lc, "make_encode_fn", failing_make_encode_fn)
+    monkeypatch.setattr(extract, "make_encode_fn", failing_make_encode_fn)
     with pytest.raises(KeyboardInterrupt):
-        lc.extract_latents(cfg(part), None, vae=vae)
+        extract.extract_latents(cfg(part), None, vae=vae)
     names = os.listdir(part)
     assert "latents-00000-of-00003.array_record" in names and "latents-00001-of-00003.array_record.tmp" in names
     assert "latents-00001-of-00003.array_record" not in names and lc.METADATA_FILE not in names
@@ -208,9 +209,9 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
         lc.load_metadata(str(part))
 
     # Resume: shard 0 is kept (not re-encoded), the rest rewritten; result identical to the full run.
-    monkeypatch.setattr(lc, "make_encode_fn", real)
+    monkeypatch.setattr(extract, "make_encode_fn", real)
     mtime = os.stat(part / "latents-00000-of-00003.array_record").st_mtime_ns
-    lc.extract_latents(cfg(part), None, vae=vae)
+    extract.extract_latents(cfg(part), None, vae=vae)
     assert os.stat(part / "latents-00000-of-00003.array_record").st_mtime_ns == mtime
     assert _shard_files(part) == _shard_files(full)
     assert not [f for f in os.listdir(part) if f.endswith(".tmp")]
@@ -222,17 +223,17 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
     def no_encode(*args, **kwargs):
         raise AssertionError("the VAE ran on a finished cache")
 
-    monkeypatch.setattr(lc, "make_encode_fn", no_encode)
-    lc.extract_latents(cfg(part), None, vae=vae)
+    monkeypatch.setattr(extract, "make_encode_fn", no_encode)
+    extract.extract_latents(cfg(part), None, vae=vae)
     with pytest.raises(ValueError, match="other settings"):
-        lc.extract_latents(cfg(part, image_size=64), None, vae=vae)
-    monkeypatch.setattr(lc, "make_encode_fn", real)
+        extract.extract_latents(cfg(part, image_size=64), None, vae=vae)
+    monkeypatch.setattr(extract, "make_encode_fn", real)
 
     # Two hosts (run one after the other: host 0 finalizes) write the same files as one host.
     hosts = tmp_path / "hosts"
-    assert lc.extract_latents(cfg(hosts), None, vae=vae, process_index=1, process_count=2) is None
+    assert extract.extract_latents(cfg(hosts), None, vae=vae, process_index=1, process_count=2) is None
     assert _shard_files(hosts) == ["latents-00001-of-00003.array_record", "latents-00001-of-00003.json"]
-    lc.extract_latents(cfg(hosts), None, vae=vae, process_index=0, process_count=2)
+    extract.extract_latents(cfg(hosts), None, vae=vae, process_index=0, process_count=2)
     match, mismatch, errors = filecmp.cmpfiles(full, hosts, _shard_files(full), shallow=False)
     assert not mismatch and not errors, (mismatch, errors)
 
@@ -240,7 +241,7 @@ def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch)
 def test_clear_errors(folder, tmp_path):
     config = make_config(folder, tmp_path / "cache")
     with pytest.raises(ValueError, match="config.vae.weights"):
-        lc.extract_latents(config, str(tmp_path))
+        extract.extract_latents(config, str(tmp_path))
     config.data.source = "latent_cache"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ip.create_train_iterator(config.data, global_batch_size=4, seed=0)
@@ -255,7 +256,7 @@ def test_clear_errors(folder, tmp_path):
 def test_train_base_stage_on_the_cache(folder, vae, tmp_path):
     cache = tmp_path / "cache"
     # The training config itself (source latent_cache) extracts from the folder it names.
-    lc.extract_latents(make_config(folder, cache, source="latent_cache"), None, vae=vae)
+    extract.extract_latents(make_config(folder, cache, source="latent_cache"), None, vae=vae)
     config = tiny_config("base", num_steps=2, checkpoint_every=1000)  # one (final) checkpoint
     config.space = "latent"
     config.data.source, config.data.cache_dir, config.data.image_size = "latent_cache", str(cache), 32

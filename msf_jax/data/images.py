@@ -11,7 +11,7 @@ EXIF orientation is NOT applied (ADM / DiT train on the raw pixel order; keep pa
 
 Anything that cannot become such an image is skipped, never raised: the reason is one of
 `SKIP_REASONS` (index 0, "ok", means kept) and travels with the example as a small integer so that
-it survives grain worker processes (see `msf_jax.input_pipeline`).
+it survives grain worker processes (see `msf_jax.data.iterators`).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
 def min_side_for(data_cfg, image_size: int) -> int:
     """Smallest accepted min(H, W): `data.min_image_side` if set (> 0), else image_size // 4."""
-    value = int(data_cfg.get("min_image_side", 0) or 0) if hasattr(data_cfg, "get") else 0
+    value = int(data_cfg.min_image_side)
     return value if value > 0 else max(1, image_size // 4)
 
 
