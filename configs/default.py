@@ -144,4 +144,22 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=200,
         precision_recall=False,
     ))
+
+    # --mode=sweep: a grid of sampling settings, each scored (eval.metric) and costed. Lists are
+    # comma-separated ("6,12,24"); "" means the stage's own value above. Checkpoints: config.sample.
+    config.sweep = ml_collections.ConfigDict(dict(
+        num_samples=1000,  # the same indices 0..N-1 (labels, noise) for every setting
+        base_sampler="",
+        base_steps="",
+        base_guidance="",
+        residual_sampler="",
+        residual_steps="",
+        residual_guidance="",
+        tie_guidance=False,  # True: residual guidance = base guidance in each setting (residual_guidance unused)
+        sample_level="",  # the residual stage's conditioning-noise level(s) (residual_cond.sample_level)
+        dit_sampler="",  # single-stage DiT settings (when sample.dit_checkpoint is given)
+        dit_steps="",
+        dit_guidance="",
+        plot_title="",
+    ))
     return config

@@ -1,6 +1,6 @@
 """Entry point: `python -m msf_jax.main --mode=MODE --config=configs/X.py [--config.key=value] --workdir=DIR`.
 
-Modes: train | sample | evaluate | extract_latents | demo. The console script `msf-jax` runs the same.
+Modes: train | sample | evaluate | extract_latents | demo | sweep. The console script `msf-jax` runs the same.
 All logic lives in importable modules; this file parses flags and turns expected failures (bad
 config, missing data, mismatched checkpoint, NaN loss) into one-line errors.
 """
@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-MODES = ("train", "sample", "evaluate", "extract_latents", "demo")
+MODES = ("train", "sample", "evaluate", "extract_latents", "demo", "sweep")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
@@ -41,6 +41,10 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         from msf_jax import extract
 
         extract.extract_latents(config, workdir)
+    elif mode == "sweep":
+        from msf_jax import sweep
+
+        sweep.run_sweep(config, workdir)
     elif mode == "demo":
         from msf_jax import demo
 

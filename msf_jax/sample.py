@@ -181,9 +181,11 @@ def make_decoder(config) -> Decoder:
     return Decoder(graphdef, state, config.vae.scaling_factor)
 
 
-def make_generator(config) -> Generator:
-    """Loads the configured checkpoints (two-stage when base and residual are given) and the decoder."""
+def load_models(config, *, dit: bool = True) -> tuple[dict[str, nnx.Module], Factorizer | None]:
+    """The configured checkpoints: {"base", "residual"} with their factorizer when base and residual
+    are given (their statistics must agree), and "dit" when sample.dit_checkpoint is given (and `dit`)."""
     sc = config.sample
+    models, factorizer = {}, None
     if sc.base_checkpoint or sc.residual_checkpoint:
         models = {"base": load_stage_model(config, "base", sc.base_checkpoint, use_ema=sc.use_ema),
                   "residual": load_stage_model(config, "residual", sc.residual_checkpoint, use_ema=sc.use_ema)}
@@ -194,6 +196,16 @@ def make_generator(config) -> Generator:
             raise ValueError(f"the base ({sc.base_checkpoint}) and residual ({sc.residual_checkpoint}) stages "
                              "were trained with different factorizer statistics")
         factorizer = Factorizer.from_config(config.factorizer, stats=stats)
+    if dit and sc.dit_checkpoint:
+        models["dit"] = load_stage_model(config, "dit", sc.dit_checkpoint, use_ema=sc.use_ema)
+    return models, factorizer
+
+
+def make_generator(config) -> Generator:
+    """Loads the configured checkpoints (two-stage when base and residual are given) and the decoder."""
+    sc = config.sample
+    if sc.base_checkpoint or sc.residual_checkpoint:
+        models, factorizer = load_models(config, dit=False)
     else:
         models = {"dit": load_stage_model(config, "dit", sc.dit_checkpoint, use_ema=sc.use_ema)}
         factorizer = None

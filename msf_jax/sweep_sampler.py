@@ -1,0 +1,229 @@
+"""The sweep's sampler: one compiled program per shape, guidance and conditioning level as arguments.
+
+A sweep setting is (per stage: sampler, steps, guidance) and, for MSF, the residual stage's
+conditioning level. Steps and sampler decide the program (scan length, step function); whether a stage
+is guided (scale != 1) decides its batch (classifier-free guidance doubles it), so those are the
+static key. The guidance values and the level are traced arguments: a sweep over them reuses one
+compiled program. Per-index labels and keys are those of `--mode=sample` (`sample.sample_keys`), and
+the stage keys, conditioning and merge those of `pipeline`, so a setting's images equal
+`--mode=sample`'s with the same values in the config.
+
+Cost: model FLOPs per image = sum over stages of (model evaluations per sample, counted at run time
+in the stage's real sampler) x (FLOPs of one, possibly guided, model evaluation per image, from XLA's
+cost analysis of the compiled call). XLA's cost analysis counts a `lax.scan` body once, whatever its
+length, so the compiled whole sampler cannot be read directly. The decoder (VAE) is not included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from msf_jax import stages
+from msf_jax.diffusion import make_process
+from msf_jax.diffusion import samplers
+from msf_jax.pipeline import residual_condition, stage_keys
+from msf_jax.sample import Decoder, sample_keys
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """How one stage is sampled in a setting."""
+
+    sampler: str
+    steps: int
+    guidance: float
+
+    @property
+    def static(self) -> tuple:
+        return (self.sampler, self.steps, self.guidance != 1.0)
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of a compiled XLA program from its cost analysis (a dict, or a list of one per program)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    if not cost or "flops" not in cost:
+        raise ValueError("XLA's cost analysis reported no FLOPs for this backend")
+    return float(cost["flops"])
+
+
+def count_model_calls(process, sampler: str, steps: int, out_channels: int) -> int:
+    """Model evaluations per sample of `sampler` with `steps` steps, counted while it runs.
+
+    The real step functions run on a 1-sample, 2x2 input with a stand-in model that returns zeros and
+    reports each evaluation from the device (`jax.debug.callback`), so branches not taken
+    (e.g. Heun's last step) are not counted.
+    """
+    calls = []
+
+    def model_fn(x, t, y, cond=None, cond_level=None):
+        jax.debug.callback(lambda: calls.append(1), ordered=True)
+        return jnp.zeros(x.shape[:-1] + (out_channels,), x.dtype)
+
+    run = jax.jit(lambda keys: samplers.sample(process, model_fn, (2, 2, 1), jnp.zeros((1,), jnp.int32),
+                                               keys, sampler=sampler, num_steps=steps))
+    jax.block_until_ready(run(sample_keys(0, np.arange(1))))
+    jax.effects_barrier()
+    return len(calls)
+
+
+class SweepSampler:
+    """Samples (indices, labels) under a setting; compiled programs are cached by static key.
+
+    `models`: {"base", "residual"} (MSF) and/or {"dit"}; `decoder`: z -> uint8 (`sample.Decoder`).
+    `traces` counts how many programs were traced (the recompilation counter the tests check).
+    """
+
+    def __init__(self, config, models: dict[str, nnx.Module], factorizer, decoder: Decoder | None = None,
+                 mesh: Mesh | None = None):
+        self.config = config
+        self.factorizer = factorizer
+        self.shape = stages.data_shape(config)
+        self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
+        self.num_devices = self.mesh.devices.size
+        self.models = models
+        self.decoder = decoder or Decoder(None, None)
+        self.graphdefs, states = {}, {}
+        for name, model in models.items():
+            self.graphdefs[name], states[name] = nnx.split(model)
+        if self.decoder.state is not None:
+            states["vae"] = self.decoder.state
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.states = jax.device_put(states, self.replicated)
+        self.noise_cond = bool(config.residual_cond.noise_augment)
+        self.batch_size = -(-int(config.sample.batch_size) // self.num_devices) * self.num_devices
+        self.traces = 0
+        self._programs: dict[tuple, jax.stages.Compiled] = {}
+        self._flops: dict[tuple, float] = {}
+        self._calls: dict[tuple, int] = {}
+
+    # -------------------------------------------------------------------------------- programs
+    def _check_guidance(self, name: str, run: StageRun) -> None:
+        if run.guidance != 1.0 and not getattr(self.models[name], "supports_guidance", True):
+            raise ValueError(f"{name}: guidance {run.guidance} needs a model trained with label dropout "
+                             "(class_dropout_prob > 0): this one has no null class")
+
+    def _stage(self, name, run: StageRun, states, guidance, labels, keys, shape, cond=None, cond_level=None):
+        cfg = self.config[name]
+        model_fn = stages.model_function(nnx.merge(self.graphdefs[name], states[name]))
+        return samplers.sample(make_process(cfg), model_fn, tuple(shape), labels, keys, sampler=run.sampler,
+                               num_steps=run.steps, guidance_scale=guidance if run.static[2] else 1.0,
+                               guidance_channels=int(cfg.guidance_channels),
+                               null_class=int(self.config.data.num_classes), cond=cond,
+                               cond_level=cond_level, eta=float(cfg.ddim_eta))
+
+    def _build(self, runs: dict[str, StageRun]):
+        """The jitted program of one static key: (states, labels, keys, guidance, level) -> uint8."""
+
+        def generate(states, labels, keys, guidance, level):
+            self.traces += 1  # runs once per trace, i.e. per compilation
+            if "dit" in runs:
+                z = self._stage("dit", runs["dit"], states, guidance["dit"], labels, stage_keys(keys, 0),
+                                self.shape)
+            else:
+                base_shape, residual_shape = self.factorizer.component_shapes(self.shape)
+                base = self._stage("base", runs["base"], states, guidance["base"], labels,
+                                   stage_keys(keys, 0), base_shape)
+                level = level if self.noise_cond else None
+                cond = residual_condition(self.factorizer, [base], level, keys, 1)
+                level_n = None if level is None else jnp.full((labels.shape[0],), level, jnp.float32)
+                residual = self._stage("residual", runs["residual"], states, guidance["residual"], labels,
+                                       stage_keys(keys, 1), residual_shape, cond=cond, cond_level=level_n)
+                z = self.factorizer.merge(base, residual)
+            return self.decoder(states.get("vae"), z)
+
+        return jax.jit(generate, out_shardings=self.batch_sharding)
+
+    def program(self, runs: dict[str, StageRun]) -> tuple[jax.stages.Compiled, float]:
+        """(compiled program, seconds spent compiling it now: 0 when it was cached)."""
+        key = tuple(sorted((k, r.static) for k, r in runs.items()))
+        if key in self._programs:
+            return self._programs[key], 0.0
+        for name, run in runs.items():
+            self._check_guidance(name, run)
+        t0 = time.perf_counter()
+        labels, keys = self._inputs(np.zeros(self.batch_size, np.int64), np.zeros(self.batch_size, np.int32))
+        scalars = self._scalars(runs, 0.0)
+        self._programs[key] = self._build(runs).lower(self.states, labels, keys, *scalars).compile()
+        return self._programs[key], time.perf_counter() - t0
+
+    # -------------------------------------------------------------------------------- sampling
+    def _inputs(self, indices: np.ndarray, labels: np.ndarray):
+        keys = sample_keys(self.config.seed, indices)
+        return (jax.device_put(jnp.asarray(labels, jnp.int32), self.batch_sharding),
+                jax.device_put(keys, self.batch_sharding))
+
+    def _scalars(self, runs: dict[str, StageRun], sample_level: float):
+        guidance = {k: jnp.float32(r.guidance) for k, r in runs.items()}
+        level = jnp.float32(sample_level * stages.COND_NOISE_STEPS)
+        return jax.device_put((guidance, level), self.replicated)
+
+    def __call__(self, runs: dict[str, StageRun], sample_level: float, indices: np.ndarray,
+                 labels: np.ndarray) -> np.ndarray:
+        """uint8 (N,H,W,3) images of `indices` (any N; batches of sample.batch_size, the last padded)."""
+        program, _ = self.program(runs)
+        scalars = self._scalars(runs, sample_level)
+        out = []
+        for start in range(0, len(indices), self.batch_size):
+            idx, lab = indices[start:start + self.batch_size], labels[start:start + self.batch_size]
+            n, pad = len(idx), self.batch_size - len(idx)
+            idx = np.concatenate([idx, np.full(pad, idx[-1])]).astype(np.int64)
+            lab = np.concatenate([lab, np.full(pad, lab[-1])]).astype(np.int32)
+            out.append(np.asarray(jax.device_get(program(self.states, *self._inputs(idx, lab), *scalars)))[:n])
+        return np.concatenate(out)
+
+    # -------------------------------------------------------------------------------- cost
+    def model_calls(self, name: str, run: StageRun) -> int:
+        """Model evaluations per sample of stage `name` under `run` (cached per sampler and steps)."""
+        key = (name, run.sampler, run.steps)
+        if key not in self._calls:
+            model = self.models[name]
+            self._calls[key] = count_model_calls(make_process(self.config[name]), run.sampler, run.steps,
+                                                 int(model.out_channels))
+        return self._calls[key]
+
+    def call_flops(self, name: str, guided: bool) -> float:
+        """FLOPs per image of one evaluation of stage `name`'s model (guided: both CFG halves)."""
+        if (name, guided) in self._flops:
+            return self._flops[(name, guided)]
+        cfg, model = self.config[name], self.models[name]
+        shapes = {"dit": [self.shape]}.get(name) or self.factorizer.component_shapes(self.shape)
+        shape = shapes[0] if name in ("dit", "base") else shapes[1]
+        x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
+        cond = level = None
+        if name == "residual":
+            cond = jax.ShapeDtypeStruct((1,) + tuple(self.factorizer.condition_shape(self.shape, 1)),
+                                        jnp.float32)
+            level = jax.ShapeDtypeStruct((1,), jnp.float32) if self.noise_cond else None
+        graphdef = self.graphdefs[name]
+
+        def one_call(state, x, t, y, cond, level):
+            fn = stages.model_function(nnx.merge(graphdef, state))
+            fn = samplers.guided_model(fn, jnp.float32(2.0) if guided else 1.0, int(cfg.guidance_channels),
+                                       int(self.config.data.num_classes))
+            return fn(x, t, y, cond, level)
+
+        abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.state(model))
+        compiled = jax.jit(one_call).lower(abstract_state, x, jax.ShapeDtypeStruct((1,), jnp.float32),
+                                           jax.ShapeDtypeStruct((1,), jnp.int32), cond, level).compile()
+        self._flops[(name, guided)] = compiled_flops(compiled)
+        return self._flops[(name, guided)]
+
+    def cost(self, runs: dict[str, StageRun]) -> dict[str, float]:
+        """{flops_per_image, <stage>_calls, <stage>_flops_per_call} of a setting."""
+        out = {"flops_per_image": 0.0}
+        for name, run in runs.items():
+            calls, per_call = self.model_calls(name, run), self.call_flops(name, run.static[2])
+            out[f"{name}_calls"] = calls
+            out[f"{name}_flops_per_call"] = per_call
+            out["flops_per_image"] += calls * per_call
+        return out
