@@ -19,6 +19,10 @@ def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "
             mlp_ratio=4.0,
             class_dropout_prob=0.1,
             learn_sigma=True,
+            # Fast paths (same function up to rounding; see msf_jax/models/attention.py and dit.py):
+            attention="auto",  # "auto" | "einsum" | "xla" | "cudnn" (GPU) | "splash" (TPU)
+            remat_policy="nothing_saveable",  # with train.remat: | "dots_saveable" | "dots_with_no_batch_dims_saveable"
+            stream_dtype="",  # residual stream dtype: "" = train.compute_dtype | "float32" (with bf16 compute)
         ),
         process=process,  # "gaussian" (DiT protocol: eps + learned sigma, MSE+VLB) | "flow"
         num_train_timesteps=1000,

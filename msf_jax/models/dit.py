@@ -27,6 +27,10 @@ import numpy as np
 from flax import nnx
 
 from msf_jax.axes import CLASSES, EMBED, FREQ, HEADS, MLP, OUT, PATCH
+from msf_jax.models.attention import ATTENTION_IMPLS, attend
+
+# Rematerialization policies of the blocks (`remat_policy`): what the backward pass may keep.
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 FREQ_EMBED_SIZE = 256  # sinusoidal timestep features (DiT's frequency_embedding_size)
 LN_EPS = 1e-6
@@ -152,10 +156,12 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_h: int, grid_w: int) -> np.ndar
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection (timm layout: [q | k | v], heads-major)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int, num_heads: int, *, attention: str = "auto", dtype, param_dtype,
+                 rngs: nnx.Rngs):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
+        self.impl = attention  # msf_jax.models.attention: resolved at trace time for the backend
         # DiT: xavier_uniform_ on the fused qkv weight as one D x 3D matrix (fan_out = 3D).
         self.qkv = _linear(hidden_size, 3 * hidden_size, (EMBED, HEADS), dtype=dtype, param_dtype=param_dtype,
                            rngs=rngs)
@@ -167,9 +173,7 @@ class Attention(nnx.Module):
         h = self.num_heads
         qkv = self.qkv(x).reshape(n, t, 3, h, d // h)  # (N, T, 3, H, Dh)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (N, T, H, Dh) each, compute dtype
-        logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * (d // h) ** -0.5, axis=-1)  # (N, H, T, T), float32 softmax
-        out = jnp.einsum("nhqk,nkhd->nqhd", weights.astype(v.dtype), v)  # (N, T, H, Dh)
+        out = attend(q, k, v, self.impl)  # (N, T, H, Dh), float32 softmax
         return self.proj(out.reshape(n, t, d))  # (N, T, D)
 
 
@@ -187,11 +191,17 @@ class Mlp(nnx.Module):
 
 
 class DiTBlock(nnx.Module):
-    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning.
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, dtype, param_dtype,
-                 rngs: nnx.Rngs):
-        self.attn = Attention(hidden_size, num_heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    The residual stream x may be kept in a wider dtype than the compute dtype (bf16 compute with a
+    float32 stream): each branch reads x cast to the compute dtype and is added back in x's dtype.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, attention: str = "auto",
+                 dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.attn = Attention(hidden_size, num_heads, attention=attention, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype=dtype, param_dtype=param_dtype,
                        rngs=rngs)
         # DiT (adaLN-Zero): the modulation output layer starts at zero, so each block starts as identity.
@@ -201,9 +211,10 @@ class DiTBlock(nnx.Module):
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         mod = self.adaLN_modulation(nnx.silu(c))[:, None, :]  # (N, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        x = x + gate_msa * self.attn(_modulate(_layer_norm(x), shift_msa, scale_msa))
-        x = x + gate_mlp * self.mlp(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
-        return x  # (N, T, D)
+        norm = lambda a: _layer_norm(a).astype(self.dtype)
+        x = x + (gate_msa * self.attn(_modulate(norm(x), shift_msa, scale_msa))).astype(x.dtype)
+        x = x + (gate_mlp * self.mlp(_modulate(norm(x), shift_mlp, scale_mlp))).astype(x.dtype)
+        return x  # (N, T, D), stream dtype
 
 
 class FinalLayer(nnx.Module):
@@ -211,6 +222,7 @@ class FinalLayer(nnx.Module):
 
     def __init__(self, hidden_size: int, patch_size: int, out_channels: int, *, dtype, param_dtype,
                  rngs: nnx.Rngs):
+        self.dtype = dtype
         # DiT: zero-initialized modulation and output projection (the model predicts 0 at init).
         self.adaLN_modulation = _linear(hidden_size, 2 * hidden_size, (EMBED, MLP), kernel_init=_zeros,
                                         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -219,14 +231,19 @@ class FinalLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:
         shift, scale = jnp.split(self.adaLN_modulation(nnx.silu(c))[:, None, :], 2, axis=-1)  # (N, 1, D)
-        return self.linear(_modulate(_layer_norm(x), shift, scale))  # (N, T, p*p*C_out)
+        return self.linear(_modulate(_layer_norm(x).astype(self.dtype), shift, scale))  # (N, T, p*p*C_out)
 
 
 def _block_forward(block: DiTBlock, x: jax.Array, c: jax.Array) -> jax.Array:
     return block(x, c)
 
 
-_block_forward_remat = nnx.remat(_block_forward)
+@functools.lru_cache(maxsize=None)
+def _block_forward_remat(policy: str):
+    """The block under nnx.remat with jax.checkpoint_policies.<policy> (what the backward may keep)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {policy!r}")
+    return nnx.remat(_block_forward, policy=getattr(jax.checkpoint_policies, policy))
 
 
 class DiT(nnx.Module):
@@ -236,9 +253,18 @@ class DiT(nnx.Module):
                  num_heads: int, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = True, cond_channels: int = 0,
                  noise_cond: bool = False, timestep_freq_shift: int = 0, dtype: Any = jnp.float32,
-                 param_dtype: Any = jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+                 param_dtype: Any = jnp.float32, remat: bool = False,
+                 remat_policy: str = "nothing_saveable", attention: str = "auto",
+                 stream_dtype: Any = None, rngs: nnx.Rngs):
+        """Fast-path switches (numerics equal up to rounding, not architecture): `attention` (one of
+        msf_jax.models.attention.ATTENTION_IMPLS), `remat` + `remat_policy` (REMAT_POLICIES), and
+        `stream_dtype` (residual stream dtype; None = the compute `dtype`)."""
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} not divisible by patch_size {patch_size}")
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {remat_policy!r}")
         self.input_size = input_size
         self.patch_size = patch_size
         self.in_channels = in_channels
@@ -254,7 +280,9 @@ class DiT(nnx.Module):
         self.noise_cond = noise_cond
         self.timestep_freq_shift = timestep_freq_shift
         self.dtype = dtype
+        self.stream_dtype = dtype if stream_dtype is None else stream_dtype
         self.remat = remat
+        self.remat_policy = remat_policy
 
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         patch_dim = (in_channels + cond_channels) * patch_size * patch_size
@@ -266,7 +294,8 @@ class DiT(nnx.Module):
         # MSF: embeds the noise level of the conditioning input like a timestep (same init as t_embedder).
         self.noise_embedder = (TimestepEmbedder(hidden_size, freq_shift=timestep_freq_shift, **kw)
                                if noise_cond else None)
-        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, **kw) for _ in range(depth)])
+        self.blocks = nnx.List([DiTBlock(hidden_size, num_heads, mlp_ratio, attention=attention, **kw)
+                                for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, **kw)
 
     @property
@@ -324,11 +353,12 @@ class DiT(nnx.Module):
         h, w = hh // p, ww // p
         pos = jnp.asarray(get_2d_sincos_pos_embed(self.hidden_size, h, w))  # (T, D), fixed
         x = self.x_embedder(self.patchify(x.astype(self.dtype))) + pos.astype(self.dtype)  # (N, T, D)
+        x = x.astype(self.stream_dtype)
         c = self.t_embedder(t) + self.y_embedder(y, label_drop_key)  # (N, D)
         if self.noise_embedder is not None:
             c = c + self.noise_embedder(cond_level)
         c = c.astype(self.dtype)
-        block_fn = _block_forward_remat if self.remat else _block_forward
+        block_fn = _block_forward_remat(self.remat_policy) if self.remat else _block_forward
         for block in self.blocks:
             x = block_fn(block, x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
@@ -360,7 +390,8 @@ def dit_from_config(model_cfg: Any, *, input_size: int, in_channels: int, num_cl
 
     Fields: name (a DIT_CONFIGS key, or "custom"/"" to give every size field), depth, hidden_size,
     num_heads, patch_size (each 0/None = the registry value), mlp_ratio (4), class_dropout_prob (0.1),
-    learn_sigma (True). param_dtype is always float32.
+    learn_sigma (True); fast paths: attention ("auto"), remat_policy ("nothing_saveable", used when
+    `remat`), stream_dtype ("" = the compute dtype, or "float32"). param_dtype is always float32.
     """
     name = _get(model_cfg, "name", "") or "custom"
     if name in DIT_CONFIGS:
@@ -383,7 +414,12 @@ def dit_from_config(model_cfg: Any, *, input_size: int, in_channels: int, num_cl
                class_dropout_prob=0.1 if dropout is None else float(dropout),
                learn_sigma=True if learn_sigma is None else bool(learn_sigma),
                cond_channels=cond_channels, noise_cond=noise_cond, dtype=dtype, remat=remat, rngs=rngs,
-               **arch)
+               attention=_get(model_cfg, "attention", None) or "auto",
+               remat_policy=_get(model_cfg, "remat_policy", None) or "nothing_saveable",
+               stream_dtype=_STREAM_DTYPES[_get(model_cfg, "stream_dtype", None) or ""], **arch)
+
+
+_STREAM_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def dit_flops_per_example(model: DiT | Mapping[str, Any]) -> float:

@@ -1,0 +1,175 @@
+"""`python -m msf_jax.benchmark`: train / sample / memory / input figures of this machine, as a table and JSON.
+
+    python -m msf_jax.benchmark                                   # cpu preset, every section
+    python -m msf_jax.benchmark --sections=train,sample --preset=gpu --json=$OUT/bench.json
+    python -m msf_jax.benchmark --preset=gpu --tiny               # rehearse the GPU run on a CPU
+
+Every comparison is measured in the same run: JAX vs PyTorch train step in alternating rounds, MSF
+vs DiT samplers on the same machine and batch. The JSON holds every figure and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+SECTIONS = ("train", "sample", "memory", "input")
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m msf_jax.benchmark", description=__doc__.splitlines()[0])
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    p.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny"))
+    p.add_argument("--tiny", action="store_true", help="the preset's code path with tiny models")
+    p.add_argument("--json", default="benchmark.json", help="where the JSON results go ('' = nowhere)")
+    p.add_argument("--train_batch", type=int, default=0, help="override the train batch (0 = preset)")
+    p.add_argument("--train_steps", type=int, default=0, help="timed steps per round (0 = preset)")
+    p.add_argument("--train_rounds", type=int, default=0, help="alternating rounds (0 = preset)")
+    p.add_argument("--attention", default="", help="comma list overriding the train attention variants")
+    p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
+    p.add_argument("--sample_batch", type=int, default=0)
+    p.add_argument("--memory_devices", type=int, default=-1, help="FSDP devices (-1 = preset)")
+    p.add_argument("--input_dir", default="", help="where the input section writes its data (default: tmp)")
+    return p.parse_args(argv)
+
+
+def _run_section(name, fn, results):
+    start = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception as e:  # pylint: disable=broad-except  (one failing section must not lose the rest)
+        traceback.print_exc()
+        results[name] = {"error": f"{type(e).__name__}: {e}"}
+    print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+
+
+def _train(args, preset):
+    from msf_jax.benchmark.common import device_memory_gib, print_table
+    from msf_jax.benchmark.train_speed import bench_train
+
+    specs = list(preset.train)
+    if args.attention:
+        specs = [dataclasses.replace(s, attention=a) for s in specs[:1] for a in args.attention.split(",")]
+    if args.train_batch:
+        specs = [dataclasses.replace(s, batch=args.train_batch) for s in specs]
+    rows = []
+    for spec in specs:
+        rows.extend(bench_train([spec], steps=args.train_steps or preset.train_steps,
+                                rounds=args.train_rounds or preset.train_rounds,
+                                torch_ref=preset.torch_ref and not args.no_torch,
+                                device_memory_gib=device_memory_gib()))
+    print_table("train step", rows, ["config", "batch", "images_per_s", "tflops", "mfu", "compile_s",
+                                     "torch_images_per_s", "ratio_vs_torch", "error"])
+    return rows
+
+
+def _sample(args, preset):
+    from msf_jax.benchmark import sampling
+    from msf_jax.benchmark.common import print_table
+
+    batch = args.sample_batch or preset.sample_batch
+    (d, b, r), (sd, sb, sr) = preset.sample_models, preset.sample_steps
+    g = preset.sample_guidance
+    out = {}
+    cmp = sampling.compare_msf_dit(sampling.Stage(d, sd, g), sampling.Stage(b, sb, g), sampling.Stage(r, sr, g),
+                                   batch=batch, warmup=preset.sample_warmup, iters=preset.sample_iters)
+    out["msf_vs_dit"] = cmp
+    print_table("sampling: MSF vs DiT", [cmp], ["dit", "msf", "batch", "dit_s_per_image", "msf_s_per_image",
+                                                "wall_ratio", "xla_flop_ratio", "analytic_flop_ratio",
+                                                "wall_vs_flop"])
+    if preset.scan_steps:
+        out["scan_overhead"] = sampling.scan_overhead(sampling.Stage(d, preset.scan_steps, g), batch=batch,
+                                                      iters=preset.sample_iters)
+        print_table("scan overhead", [out["scan_overhead"]], ["config", "batch", "scan_s", "steps_x_step_s",
+                                                               "scan_overhead"])
+    if preset.compile_steps:
+        out["compile"] = sampling.compile_vs_steps(d, batch=batch, steps=preset.compile_steps, guidance=g)
+        print_table("compile time vs steps", [out["compile"]], list(out["compile"]))
+    return out
+
+
+def _memory(args, preset):
+    """Runs in a child process when this one has too few devices (a CPU gets simulated ones)."""
+    import jax
+
+    from msf_jax.benchmark.common import print_table
+
+    n = preset.memory_fsdp if args.memory_devices < 0 else args.memory_devices
+    if n > jax.device_count() and jax.default_backend() == "cpu" and not os.environ.get("_MSF_BENCH_CHILD"):
+        rows = _child_memory(args, n)
+    else:
+        from msf_jax.benchmark.memory import bench_memory
+
+        rows = bench_memory(preset.memory_models, fsdp_devices=min(n, jax.device_count()))
+    print_table("train-step memory (XLA memory analysis, GiB per device)", rows,
+                ["config", "global_batch", "devices", "remat", "argument_gib", "temp_gib", "peak_estimate_gib"])
+    return rows
+
+
+def _child_memory(args, n):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "memory.json")
+        env = dict(os.environ, _MSF_BENCH_CHILD="1", JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}")
+        cmd = [sys.executable, "-m", "msf_jax.benchmark", "--sections=memory", f"--preset={args.preset}",
+               f"--json={path}", f"--memory_devices={n}"] + (["--tiny"] if args.tiny else [])
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(path) as f:
+            return json.load(f)["memory"]
+
+
+def _input(args, preset, train_rows):
+    from msf_jax.benchmark.common import print_table
+    from msf_jax.benchmark.input_rate import bench_input
+
+    consumption = None
+    if isinstance(train_rows, list) and train_rows and "images_per_s" in train_rows[0]:
+        consumption = max(r.get("images_per_s") or 0 for r in train_rows)
+    rows = bench_input(preset.input_examples, preset.input_image_size, consumption, args.input_dir)
+    print_table("input readers vs train-step consumption", rows,
+                ["reader", "examples_per_s", "step_images_per_s", "headroom"])
+    return rows
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise SystemExit(f"unknown sections {sorted(unknown)}; valid: {SECTIONS}")
+    from msf_jax.benchmark import presets
+    from msf_jax.benchmark.common import machine
+
+    preset = presets.get(args.preset, tiny=args.tiny)
+    info = machine()
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()), flush=True)
+    results = {"machine": info, "preset": args.preset, "tiny": args.tiny, "argv": sys.argv[1:] if argv is None
+               else list(argv)}
+    for name in SECTIONS:
+        if name not in sections:
+            continue
+        if name == "train":
+            _run_section(name, lambda: _train(args, preset), results)
+        elif name == "sample":
+            _run_section(name, lambda: _sample(args, preset), results)
+        elif name == "memory":
+            _run_section(name, lambda: _memory(args, preset), results)
+        else:
+            _run_section(name, lambda: _input(args, preset, results.get("train")), results)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        print(f"\nwrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The `sample` section: wall-clock per image of MSF vs DiT next to their FLOP ratio, scan overhead,
+and compile time against the number of steps.
+
+Samplers are `msf_jax.diffusion.samplers.sample` (one lax.scan per stage, guidance in one batched call)
+with the weights passed as arguments (not constants). MSF = base sampler -> factorizer.condition ->
+residual sampler -> merge, as `msf_jax.pipeline` runs it. FLOPs come from XLA's cost analysis of the
+lowered guided step of each stage times its number of steps (XLA counts a scan body once, so the
+whole sampler's own cost analysis would count one step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from msf_jax.benchmark.common import block, compile_timed, cost_flops, median
+from msf_jax.benchmark.train_speed import StepSpec, build_model
+from msf_jax.diffusion.gaussian import GaussianDiffusion
+from msf_jax.diffusion.samplers import guided_model, make_plan, sample
+from msf_jax.factorize import Factorizer
+from msf_jax.models.dit import dit_flops_per_example
+
+
+class Stage:
+    """One stage's model (graphdef + params as a jit argument), shapes and sampler settings."""
+
+    def __init__(self, spec: StepSpec, steps: int, guidance: float, seed: int = 0):
+        model = build_model(spec, seed)
+        self.graphdef, self.params = nnx.split(model)
+        self.spec, self.steps, self.guidance = spec, int(steps), float(guidance)
+        self.shape = (spec.input_size, spec.input_size, spec.channels)
+        self.cond = spec.stage == "residual"
+        self.process = GaussianDiffusion.dit(1000, learn_sigma=True)
+        self.flops_fwd = dit_flops_per_example(model)
+
+    def model_fn(self, params):
+        model = nnx.merge(self.graphdef, params)
+        return lambda x, t, y, c=None, lvl=None: model(x, t, y, cond=c, cond_level=lvl)
+
+    def run(self, params, labels, keys, cond=None):
+        level = None if not self.cond else jnp.zeros((labels.shape[0],), jnp.float32)
+        return sample(self.process, self.model_fn(params), self.shape, labels, keys, sampler="ddpm",
+                      num_steps=self.steps, guidance_scale=self.guidance,
+                      null_class=self.spec.num_classes, cond=cond, cond_level=level)
+
+    def step_fn(self, graphdef=None):
+        """(params, x, labels, keys, cond) -> x_next: one guided DDPM step (the scan body)."""
+        plan = make_plan(self.process, "ddpm", self.steps)
+        xs0 = jax.tree.map(lambda a: a[0], plan.xs)
+        graphdef = self.graphdef if graphdef is None else graphdef
+
+        def fn(params, x, labels, keys, cond=None):
+            net = nnx.merge(graphdef, params)
+            model_fn = lambda x, t, y, c=None, lvl=None: net(x, t, y, cond=c, cond_level=lvl)  # noqa: E731
+            model = guided_model(model_fn, self.guidance, null_class=self.spec.num_classes)
+            level = None if not self.cond else jnp.zeros((labels.shape[0],), jnp.float32)
+            return plan.step(model, x, xs0, keys, labels, cond, level)
+
+        return fn
+
+    def step_flops(self, n: int) -> float | None:
+        """FLOPs of one guided step on n images: XLA's cost analysis of the lowered step, with the
+        attention as XLA ops (the same math; a cuDNN/splash custom call would hide its FLOPs)."""
+        spec = dataclasses.replace(self.spec, attention="xla")
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(spec)))
+        x = jax.ShapeDtypeStruct((n,) + self.shape, jnp.float32)
+        cond = x if self.cond else None
+        return cost_flops(jax.jit(self.step_fn(graphdef)).lower(params, x, *_abstract_inputs(n), cond))
+
+
+def _abstract_inputs(n: int):
+    return (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n, 2), jnp.uint32))
+
+
+def _inputs(n: int, num_classes: int):
+    labels = jnp.asarray(np.arange(n) % num_classes, jnp.int32)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), n))
+    return labels, keys
+
+
+def dit_sampler(stage: Stage):
+    return jax.jit(lambda params, labels, keys: stage.run(params, labels, keys))
+
+
+def msf_sampler(base: Stage, residual: Stage):
+    factorizer = Factorizer("laplacian", factor=residual.spec.input_size // base.spec.input_size)
+
+    def fn(params, labels, keys):
+        b = base.run(params[0], labels, keys)
+        r = residual.run(params[1], labels, keys, cond=factorizer.condition([b]))
+        return factorizer.merge(b, r)
+
+    return jax.jit(fn)
+
+
+def _time_runs(compiled, args, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        block(compiled(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        block(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return median(times)
+
+
+def compare_msf_dit(dit: Stage, base: Stage, residual: Stage, *, batch: int, warmup: int = 1,
+                    iters: int = 1) -> dict:
+    """Wall-clock per image of the MSF sampler and the DiT sampler, and their FLOP ratios."""
+    labels, keys = _inputs(batch, dit.spec.num_classes)
+    c_dit, compile_dit = compile_timed(dit_sampler(dit), dit.params, labels, keys)
+    t_dit = _time_runs(c_dit, (dit.params, labels, keys), warmup, iters)
+    msf_params = (base.params, residual.params)
+    c_msf, compile_msf = compile_timed(msf_sampler(base, residual), msf_params, labels, keys)
+    t_msf = _time_runs(c_msf, (msf_params, labels, keys), warmup, iters)
+    f_dit = _mul(dit.step_flops(batch), dit.steps)
+    f_base, f_res = _mul(base.step_flops(batch), base.steps), _mul(residual.step_flops(batch), residual.steps)
+    f_msf = None if f_base is None or f_res is None else f_base + f_res
+    analytic = ((base.flops_fwd * base.steps + residual.flops_fwd * residual.steps)
+                / (dit.flops_fwd * dit.steps))
+    flop_ratio = None if f_dit is None or f_msf is None else f_msf / f_dit
+    wall_ratio = t_msf / t_dit
+    return dict(
+        dit=f"{dit.spec.label()} x{dit.steps}", msf=f"{base.spec.label()} x{base.steps} + "
+                                                    f"{residual.spec.label()} x{residual.steps}",
+        batch=batch, guidance=dit.guidance, dit_s_per_image=t_dit / batch, msf_s_per_image=t_msf / batch,
+        wall_ratio=wall_ratio, xla_flop_ratio=flop_ratio, analytic_flop_ratio=analytic,
+        dit_tflop_per_image=None if f_dit is None else f_dit / batch / 1e12,
+        msf_tflop_per_image=None if f_msf is None else f_msf / batch / 1e12,
+        wall_vs_flop=None if flop_ratio is None else wall_ratio / flop_ratio,
+        dit_achieved_tflops=None if f_dit is None else f_dit / t_dit / 1e12,
+        msf_achieved_tflops=None if f_msf is None else f_msf / t_msf / 1e12,
+        compile_dit_s=compile_dit, compile_msf_s=compile_msf)
+
+
+def _mul(x, k):
+    return None if x is None else x * k
+
+
+def scan_overhead(stage: Stage, *, batch: int, warmup: int = 1, iters: int = 3) -> dict:
+    """The scanned sampler against `steps` calls of the same compiled step from Python."""
+    labels, keys = _inputs(batch, stage.spec.num_classes)
+    c_scan, _ = compile_timed(dit_sampler(stage), stage.params, labels, keys)
+    t_scan = _time_runs(c_scan, (stage.params, labels, keys), warmup, iters)
+    x = jnp.zeros((batch,) + stage.shape, jnp.float32)
+    c_step, _ = compile_timed(jax.jit(stage.step_fn()), stage.params, x, labels, keys, None)
+
+    def loop():
+        y = x
+        for _ in range(stage.steps):
+            y = c_step(stage.params, y, labels, keys, None)
+        return y
+
+    block(loop())
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        block(loop())
+        times.append(time.perf_counter() - start)
+    t_loop = median(times)
+    return dict(config=f"{stage.spec.label()} x{stage.steps}", batch=batch, scan_s=t_scan,
+                steps_x_step_s=t_loop, scan_overhead=t_scan / t_loop - 1.0)
+
+
+def compile_vs_steps(spec: StepSpec, *, batch: int, steps=(10, 250), guidance: float = 1.5) -> dict:
+    """Compile time of the scanned DiT sampler at each number of steps, and the ratio last / first."""
+    out = {}
+    for s in steps:
+        stage = Stage(spec, s, guidance)
+        labels, keys = _inputs(batch, spec.num_classes)
+        jax.clear_caches()
+        _, out[s] = compile_timed(dit_sampler(stage), stage.params, labels, keys)
+    return dict(config=spec.label(), batch=batch, **{f"compile_s_{s}": v for s, v in out.items()},
+                compile_ratio=out[steps[-1]] / out[steps[0]])

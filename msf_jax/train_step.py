@@ -1,0 +1,46 @@
+"""The numerical core of one training step: loss, gradient, AdamW and EMA on a {params, ema, opt} state.
+
+Shared by `train.Trainer` (which prepares the stage's example from a data batch first) and
+`msf_jax.benchmark` (which feeds random examples of the same shapes), so the benchmark measures the
+very function training runs. Imports nothing beyond jax/optax/flax (the benchmark runs without clu,
+grain or ml_collections).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+    """{step, rng, params, ema, opt, rest} of a freshly built model (call under jit for sharded init)."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(seed)),
+            "params": params, "ema": jax.tree.map(jnp.copy, params), "opt": tx.init(params), "rest": rest}
+
+
+def apply_update(graphdef, process, tx: optax.GradientTransformation, ema_decay: float,
+                 state: dict[str, Any], x0, labels, t, noise, cond=None, cond_level=None, drop_key=None):
+    """One step on the stage's example: x0 (N,H,W,C) target, labels (N,), t (N,) schedule indices,
+    noise like x0, cond/cond_level the residual stage's conditioning (or None), drop_key for label
+    dropout. Returns (new state with step + 1, metrics dict of scalars)."""
+
+    def loss_fn(params):
+        model = nnx.merge(graphdef, params, state["rest"])
+
+        def model_fn(x, tt, y, c=None, level=None):
+            return model(x, tt, y, cond=c, cond_level=level, label_drop_key=drop_key)
+
+        terms = process.training_losses(model_fn, x0, t, noise, labels, cond, cond_level)
+        return jnp.mean(terms["loss"]), {k: jnp.mean(v) for k, v in terms.items()}
+
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    ema = jax.tree.map(lambda e, p: e * ema_decay + (1.0 - ema_decay) * p, state["ema"], params)
+    metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
+    return dict(state, step=state["step"] + 1, params=params, ema=ema, opt=opt), metrics
