@@ -6,9 +6,10 @@ the conditioning level `sample_level`; single-stage DiT: sampler, steps, guidanc
 `config.eval.metric` (FID with converted Inception weights, or SWD) and costed (model FLOPs per image
 from XLA's cost analysis, and images/s measured). Outputs under `workdir/sweep/`:
   settings/<id>.json   one result per setting, written atomically: a rerun skips finished settings
-  sweep.csv, sweep.json   the table (sweep.json also lists the Pareto front)
+  sweep.csv, sweep.json   the table of every setting scored in this workdir (sweep.json also lists
+                       the Pareto front)
   frontier.png         quality vs FLOPs per image, the front drawn, MSF and DiT distinguished
-Settings may be added to the grid between runs; everything else (checkpoints, seed, N, metric,
+Settings may be added to the grid between runs (the table keeps the earlier ones); everything else (checkpoints, seed, N, metric,
 reference) must stay the same within one workdir (checked).
 """
 
@@ -258,6 +259,12 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
         if on_result is not None:
             on_result(row)
 
+    # Settings scored here by earlier runs with another grid are part of the frontier too.
+    current = {r["id"] for r in rows}
+    for name in sorted(os.listdir(settings_dir)):
+        if name.endswith(".json") and name[:-5] not in current:
+            with open(os.path.join(settings_dir, name)) as f:
+                rows.append(json.load(f))
     rows = frontier.mark_front(rows)
     paths = {"csv": os.path.join(out_dir, "sweep.csv"), "json": os.path.join(out_dir, "sweep.json"),
              "plot": os.path.join(out_dir, "frontier.png")}

@@ -169,6 +169,12 @@ def test_sweep_table_front_plot_resume_and_no_recompilation(setup, tmp_path):
     assert again["front"] == result["front"] or lost in again["front"]
     assert sampler.traces - traces_before <= 3  # nothing recompiled on rerun
 
+    # A smaller grid in the same workdir: its settings are reused, the earlier ones stay in the table.
+    config.sweep.base_steps, scored[:] = "2", []
+    smaller = sweep_lib.run_sweep(config, workdir, sampler=sampler, on_result=scored.append)
+    assert not scored and len(smaller["rows"]) == 10
+    config.sweep.base_steps = "2,3"
+
     # Other samples in the same workdir are refused.
     config.sweep.num_samples = 4
     with pytest.raises(ValueError, match="num_samples"):
