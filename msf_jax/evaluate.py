@@ -333,7 +333,8 @@ def _inception_feature_fn(inception_weights: str | None, mesh=None):
                               "pt_inception-2015-12-05-6726825d.pth with `python -m msf_jax.convert inception`)")
     if not os.path.exists(inception_weights):
         raise EvaluationError(f"{inception_weights}: no such Inception weights file")
-    from msf_jax.models.inception import load_inception, make_feature_fn
+    from msf_jax.convert.inception import load_inception
+    from msf_jax.models.inception import make_feature_fn
 
     return make_feature_fn(load_inception(inception_weights), mesh=mesh)
 

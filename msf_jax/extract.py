@@ -92,7 +92,7 @@ def _source_of(data_cfg) -> tuple[Any, dict[str, Any], int]:
 
 
 def _load_vae(config):
-    from msf_jax.models.vae import load_vae  # pylint: disable=g-import-not-at-top
+    from msf_jax.convert.vae import load_vae  # pylint: disable=g-import-not-at-top
 
     weights = config.vae.weights
     if not weights:

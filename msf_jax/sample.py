@@ -175,7 +175,7 @@ def make_decoder(config) -> Decoder:
         return Decoder(None, None)
     if not config.vae.weights:
         raise ValueError("space='latent' needs vae.weights (python -m msf_jax.convert vae ...) to decode")
-    from msf_jax.models.vae import load_vae
+    from msf_jax.convert.vae import load_vae
 
     graphdef, state = nnx.split(load_vae(config.vae.weights))
     return Decoder(graphdef, state, config.vae.scaling_factor)

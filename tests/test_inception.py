@@ -88,7 +88,7 @@ def test_parity_with_pytorch_fid(torch_nets, converted, size, n):
     net, wrapper = torch_nets
     images = np.random.RandomState(size).rand(n, size, size, 3).astype(np.float32)
     ref_pool, ref_logits, ref_spatial = _torch_features(net, wrapper, images)
-    model = model_lib.load_inception(converted, logits_bias=True)
+    model = convert.load_inception(converted, logits_bias=True)
     out = model(jnp.asarray(images))  # eager: no whole-network compile
     assert out["pool"].shape == (n, 2048)
     assert out["spatial"].shape == (n, model_lib.SPATIAL_DIM)
@@ -108,7 +108,7 @@ def test_parity_with_pytorch_fid(torch_nets, converted, size, n):
 def test_feature_fn_uint8_and_mesh(converted):
     from jax.sharding import Mesh
 
-    model = model_lib.load_inception(converted)
+    model = convert.load_inception(converted)
     images = np.random.RandomState(0).randint(0, 256, (3, 16, 16, 3), dtype=np.uint8)
     mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1, 1), ("data", "fsdp", "tensor"))
     fn = model_lib.make_feature_fn(model, mesh=mesh)  # 3 images over 2 shards: padded, then trimmed

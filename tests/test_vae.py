@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from msf_jax.convert.common import ConversionError
-from msf_jax.convert.vae import convert_file
+from msf_jax.convert.vae import convert_file, load_vae
 from msf_jax.models import vae
 
 import diffusers  # PyTorch references (the test extra)
@@ -95,7 +95,7 @@ def test_parity_sd_width(tmp_path):
     out = str(tmp_path / "vae.safetensors")
     summary = convert_file(str(folder), out)
     assert "83.65M params" in summary and "[128, 256, 512, 512]" in summary, summary
-    ours = vae.load_vae(out)
+    ours = load_vae(out)
     assert ours.config == vae.SD_CONFIG
     assert vae.num_params(ours) == 83_653_863
     _compare(ours, dict(x=x, mean=mean, logvar=logvar, dec=dec), "SD-width")
@@ -158,7 +158,7 @@ def test_other_layouts(tiny, layout):
     out = str(tiny["tmp"] / f"{layout}.safetensors")
     summary = convert_file(path, out)
     assert ("ldm" in summary) == layout.startswith("ldm"), summary
-    ours = vae.load_vae(out)
+    ours = load_vae(out)
     assert ours.config["block_out_channels"] == (32, 64, 96) and ours.config["norm_num_groups"] == 32
     _compare(ours, tiny, layout)
 

@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from msf_jax.convert.common import (ConversionError, check_shapes, flatten, load_into_model, read_torch_state_dict,
-                                    save_params, state_shapes, unflatten)
+from msf_jax.convert.common import (ConversionError, check_shapes, flatten, load_into_model, load_params,
+                                    read_torch_state_dict, save_params, state_shapes, unflatten)
 
 # pytorch-fid InceptionV3.blocks[i][j] -> torchvision Inception3 attribute (max pools have no weights).
 _BLOCKS = {
@@ -96,6 +96,23 @@ def load_state(model, params: Mapping[str, Any], what: str = "Inception") -> Non
     """Copies params *and* batch statistics into an NNX model (also one built by `nnx.eval_shape`):
     `common.load_into_model` with Inception's variables."""
     load_into_model(model, params, what, filters=_variables())
+
+
+def load_inception(path: str, *, logits_bias: bool = False):
+    """A `models.inception.FIDInception` from a file written by `python -m msf_jax.convert inception`
+    (built abstractly, then filled: no random init)."""
+    from flax import nnx
+
+    from msf_jax.models.inception import FIDInception
+
+    params, config = load_params(path)
+    if config.get("family", "inception") != "inception":
+        raise ConversionError(f"{path}: holds {config.get('family')} weights, not Inception")
+    with_logits = bool(config.get("with_logits", "fc" in params))
+    model = nnx.eval_shape(lambda: FIDInception(with_logits=with_logits, logits_bias=logits_bias,
+                                                rngs=nnx.Rngs(0)))
+    load_state(model, params, what=path)
+    return model
 
 
 def convert_file(input: str, output: str, model: str | None = None,  # pylint: disable=redefined-builtin

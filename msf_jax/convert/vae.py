@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import os
 import re
+from typing import Any
 
 import numpy as np
 
-from msf_jax.convert.common import (ConversionError, _short, raise_problems, read_torch_state_dict, save_params,
-                                    state_shapes, unflatten)
+from msf_jax.convert.common import (ConversionError, _short, load_into_model, load_params, raise_problems,
+                                    read_torch_state_dict, save_params, state_shapes, unflatten)
 
 LDM_PREFIX = "first_stage_model."
 _OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -256,6 +257,23 @@ def _torch_shape(shape):
     if len(shape) == 4:
         return (shape[3], shape[2], shape[0], shape[1])
     return tuple(reversed(shape))
+
+
+def load_vae(path: str, *, dtype: Any = None):
+    """An `AutoencoderKL` from a file written by `convert_file` (float32 params; compute in `dtype`,
+    default float32)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from msf_jax.models.vae import SD_CONFIG, AutoencoderKL
+
+    params, config = load_params(path)
+    unknown = sorted(set(config) - set(SD_CONFIG))
+    if unknown:
+        raise ConversionError(f"{path}: not a VAE file (config keys {unknown} are not AutoencoderKL's)")
+    model = AutoencoderKL(**dict(config), dtype=jnp.float32 if dtype is None else dtype, rngs=nnx.Rngs(0))
+    load_into_model(model, params, what=f"VAE {path}")
+    return model
 
 
 def convert_file(input: str, output: str, model: str | None = None,  # pylint: disable=redefined-builtin

@@ -245,23 +245,6 @@ class FIDInception(nnx.Module):
         return out
 
 
-def load_inception(path: str, *, logits_bias: bool = False) -> FIDInception:
-    """Builds the network from a file written by `python -m msf_jax.convert inception` (no random init)."""
-    from msf_jax.convert.common import load_params
-    from msf_jax.convert.inception import load_state
-
-    params, config = load_params(path)
-    if config.get("family", "inception") != "inception":
-        from msf_jax.convert.common import ConversionError
-
-        raise ConversionError(f"{path}: holds {config.get('family')} weights, not Inception")
-    with_logits = bool(config.get("with_logits", "fc" in params))
-    model = nnx.eval_shape(lambda: FIDInception(with_logits=with_logits, logits_bias=logits_bias,
-                                                rngs=nnx.Rngs(0)))
-    load_state(model, params, what=path)
-    return model
-
-
 def _batch_sharding(mesh):
     from jax.sharding import NamedSharding, PartitionSpec as P
 

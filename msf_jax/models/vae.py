@@ -281,19 +281,5 @@ def make_decode_fn(model: AutoencoderKL, mesh: jax.sharding.Mesh | None = None,
     return _jit_with_params(model, lambda m, z: decode_latents(m, z, scaling_factor), mesh, 1)
 
 
-def load_vae(path: str, *, dtype: Any = jnp.float32) -> AutoencoderKL:
-    """Builds an `AutoencoderKL` from a file written by `msf_jax.convert.vae.convert_file` (float32 params)."""
-    from msf_jax.convert.common import ConversionError, load_params, load_into_model
-
-    params, config = load_params(path)
-    unknown = sorted(set(config) - set(SD_CONFIG))
-    if unknown:
-        raise ConversionError(f"{path}: not a VAE file (config keys {unknown} are not AutoencoderKL's)")
-    kwargs = dict(config)
-    model = AutoencoderKL(**kwargs, dtype=dtype, rngs=nnx.Rngs(0))
-    load_into_model(model, params, what=f"VAE {path}")
-    return model
-
-
 def num_params(model: nnx.Module) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
