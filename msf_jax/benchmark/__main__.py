@@ -163,12 +163,19 @@ def main(argv=None) -> dict:
             _run_section(name, lambda: _memory(args, preset), results)
         else:
             _run_section(name, lambda: _input(args, preset, results.get("train")), results)
+        _write_json(args.json, results)  # after every section: a run cut short keeps what it measured
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=str)
         print(f"\nwrote {args.json}")
     return results
+
+
+def _write_json(path: str, results: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

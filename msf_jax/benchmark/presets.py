@@ -63,7 +63,7 @@ def get(name: str, *, tiny: bool = False) -> Preset:
         p = Preset(train=[bf16(XL_DIT, attention="xla"), bf16(XL_DIT, attention="cudnn")], train_steps=5,
                    train_rounds=1, torch_ref=False,
                    sample_models=(bf16(XL_DIT), bf16(XL_BASE), bf16(B_RESIDUAL)), sample_steps=(250, 250, 50),
-                   sample_batch=32, sample_warmup=1, sample_iters=1, sample_guidance=1.5, scan_steps=0,
+                   sample_batch=32, sample_warmup=0, sample_iters=1, sample_guidance=1.5, scan_steps=0,
                    compile_steps=(), memory_models=(), memory_fsdp=0, input_examples=0,
                    input_image_size=256)
     elif name == "tiny":
