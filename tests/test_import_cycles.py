@@ -17,13 +17,14 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Layers, highest first; a module may import modules of its own layer or of lower ones only.
 # Packages are matched by prefix. A new module must be placed here.
 LAYERS = (
-    ("entry points", ("main", "demo")),
+    ("entry points", ("main", "demo", "benchmark")),
     ("jobs", ("train", "sample", "evaluate", "extract", "stage_eval", "sweep", "sweep_sampler", "frontier")),
     ("pipeline", ("pipeline",)),
     ("stages", ("stages",)),
     ("converters", ("convert",)),  # PyTorch -> Flax at the boundary: above the models they fill
-    ("numerics", ("models", "diffusion", "factorize")),
-    ("infrastructure", ("data", "checkpoint", "sharding", "outputs", "paths", "progress", "axes", "")),
+    ("numerics", ("models", "diffusion", "factorize", "train_step")),
+    ("infrastructure", ("data", "checkpoint", "sharding", "outputs", "paths", "progress", "axes", "compile_cache",
+                        "")),
 )
 JOBS = LAYERS[0][1] + LAYERS[1][1]
 
