@@ -106,12 +106,11 @@ def _nice_ticks(lo: float, hi: float, n: int = 6) -> list[float]:
 
 def _log_ticks(lo: float, hi: float) -> list[float]:
     """1-2-5 ticks in [lo, hi] (log axis); fewer when the range spans many decades."""
-    ticks = []
-    for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        for m in ((1, 2, 5) if math.log10(hi / lo) < 3 else (1,)):
-            v = m * 10.0 ** e
-            if lo <= v <= hi:
-                ticks.append(v)
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0 ** e for e in decades for m in mantissas if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) >= 4:
+            break
     return ticks or [lo, hi]
 
 
@@ -146,8 +145,7 @@ def plot_frontier(rows: list[dict], path: str, *, metric: str, title: str = "",
     def py(y):
         return h - bottom - (y - y_lo) / (y_hi - y_lo) * (h - top - bottom)
 
-    # Axes, grid and ticks.
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
+    # Grid, ticks and axes.
     for v in _log_ticks(x_lo, x_hi):
         x = px(v)
         d.line([x, top, x, h - bottom], fill=(225, 225, 225))
@@ -156,6 +154,7 @@ def plot_frontier(rows: list[dict], path: str, *, metric: str, title: str = "",
         y = py(v)
         d.line([left, y, w - right, y], fill=(225, 225, 225))
         d.text((left - 6, y), f"{v:g}", fill="black", font=small, anchor="rm")
+    d.rectangle([left, top, w - right, h - bottom], outline="black")
     d.text(((left + w - right) / 2, h - 22), "model FLOPs per image (log scale)", fill="black",
            font=font, anchor="mm")
     ylabel = f"{metric} (lower is better)"
