@@ -20,6 +20,11 @@ _MODEL_KEYS = ("stage", "space", "data.image_size", "data.num_classes", "factori
                "factorizer.factor", "factorizer.levels", "factorizer.upsample", "factorizer.standardize",
                "residual_cond.noise_augment")
 
+# Model fields that choose how the same weights are computed (kernels, remat, stream precision), not
+# what they are: a checkpoint restores whatever they are set to (e.g. trained with splash attention on
+# a TPU, sampled with XLA's on a CPU), also from runs written before the field existed.
+_EXECUTION_KEYS = ("attention", "remat_policy", "stream_dtype")
+
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in workdir was written for a different model."""
@@ -37,7 +42,8 @@ def _model_signature(config_dict: dict) -> dict:
     sig = {k: _get(config_dict, k) for k in _MODEL_KEYS}
     if stage:
         for k, v in (_get(config_dict, f"{stage}.model") or {}).items():
-            sig[f"{stage}.model.{k}"] = v
+            if k not in _EXECUTION_KEYS:
+                sig[f"{stage}.model.{k}"] = v
         for k in ("process", "num_train_timesteps"):  # the objective the weights were trained for
             sig[f"{stage}.{k}"] = _get(config_dict, f"{stage}.{k}")
     return sig

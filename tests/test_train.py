@@ -96,6 +96,21 @@ def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
         train.train_and_evaluate(other, str(tmp_path))
 
 
+def test_execution_choices_are_not_part_of_the_model_signature():
+    """Attention kernel, remat policy and stream dtype may differ between training and sampling, and
+    checkpoints written before those fields existed still restore; the architecture must agree."""
+    from msf_jax.checkpoint import _model_signature, config_to_dict
+
+    now = config_to_dict(tiny_config())
+    old = config_to_dict(tiny_config())
+    for k in ("attention", "remat_policy", "stream_dtype"):
+        del old["base"]["model"][k]
+    now["base"]["model"]["attention"] = "einsum"
+    assert _model_signature(now) == _model_signature(old)
+    old["base"]["model"]["depth"] = 7
+    assert _model_signature(now) != _model_signature(old)
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(num_steps=2)
     train.train_and_evaluate(config, str(tmp_path))
