@@ -9,7 +9,7 @@ The cache format, file names and reader live in `msf_jax.data.latent_cache`; thi
     the horizontal flip is encoded and stored explicitly.
   * Example indices [0, N) are cut into fixed shards of data.cache_shard_size examples in
     data.cache_dir (default `<workdir>/latents`). Host p of P writes shards p, p + P, ...; on each
-    host the VAE runs data-parallel over its local devices (`make_encode_fn` on a local mesh),
+    host the VAE runs data-parallel over its local devices (`make_encode_fn` on `sharding.local_mesh()`),
     data.cache_batch_size images at a time, each batch encoded together with its flips (2x images
     per call, padded to the device count).
   * Resumable and atomic: a shard is written to `<name>.tmp` and `os.replace`d into place, after its
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msf_jax import axes
+from msf_jax import sharding
 from msf_jax.data.images import SKIP_REASONS, SkipCounter, min_side_for
 from msf_jax.data.iterators import to_unit_range
 from msf_jax.data.latent_cache import (METADATA_FILE, RECORD_VERSION, SPEC_FILE, STATS_FILE, WRITER_OPTIONS,
@@ -105,12 +105,6 @@ def _load_vae(config):
     return load_vae(os.path.expanduser(weights), dtype=dtype)
 
 
-def _local_mesh() -> jax.sharding.Mesh:
-    """This host's devices as a (data, 1, 1) mesh: every host encodes its own shards independently."""
-    devices = np.asarray(jax.local_devices()).reshape(-1, 1, 1)
-    return jax.sharding.Mesh(devices, axes.MESH_AXES)
-
-
 def _check_spec(cache_dir: str, spec: dict[str, Any]) -> None:
     path = os.path.join(cache_dir, SPEC_FILE)
     if os.path.exists(path):
@@ -143,22 +137,19 @@ def _decoded(source, indices: range, decode, pool, window: int) -> Iterator[tupl
 class _Encoder:
     """Encodes uint8 image batches and their flips; one batch in flight (async dispatch)."""
 
-    def __init__(self, encode_fn, num_devices: int):
-        self._encode, self._num_devices = encode_fn, num_devices
+    def __init__(self, encode_fn):
+        self._encode = encode_fn  # a `make_encode_fn` result: pads the batch to the devices itself
 
     def dispatch(self, images: np.ndarray):
-        """images uint8 (B, H, W, 3) -> a handle; moments of [images; flips], padded to the devices."""
+        """images uint8 (B, H, W, 3) -> a handle on the moments of [images; flips]."""
         x = np.concatenate([images, images[:, :, ::-1]])  # (2B, H, W, 3): image then its flip
-        pad = -len(x) % self._num_devices
-        if pad:
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
         return len(images), self._encode(to_unit_range(x))
 
     @staticmethod
     def fetch(handle) -> tuple[np.ndarray, np.ndarray]:
         """-> mean, logvar float32 (B, 2, h, w, c) ([:, 0] image, [:, 1] flip)."""
         b, (mean, logvar) = handle
-        mean, logvar = (np.asarray(jax.device_get(m), np.float32)[:2 * b] for m in (mean, logvar))
+        mean, logvar = (np.asarray(jax.device_get(m), np.float32) for m in (mean, logvar))
         return (np.stack([mean[:b], mean[b:]], axis=1), np.stack([logvar[:b], logvar[b:]], axis=1))
 
 
@@ -221,8 +212,6 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
     `vae`: an AutoencoderKL to use instead of loading config.vae.weights. process_index /
     process_count default to JAX's (they exist to run one host's share by hand).
     """
-    from msf_jax import sharding  # pylint: disable=g-import-not-at-top
-
     sharding.maybe_initialize_distributed()
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
@@ -259,8 +248,7 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
     logging.info("latent cache %s: %d shards of %d examples; host %d/%d has %d, %d left to write",
                  cache_dir, num_shards, shard_size, pi, pc, len(mine), len(todo))
     if todo:
-        mesh = _local_mesh()
-        encoder = _Encoder(make_encode_fn(vae, mesh), mesh.devices.size)
+        encoder = _Encoder(make_encode_fn(vae, sharding.local_mesh()))
         decode = functools.partial(decode_crop, image_size=image_size, min_side=min_side)
         progress = Progress(sum(len(shard_range(s)) for s in mine), "extract_latents", unit="img",
                             initial=done_examples)

@@ -7,9 +7,10 @@ runs on one CPU, on simulated CPU devices, on a GPU cluster and on a multi-slice
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -61,10 +62,21 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
 
 
 def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh. With `num_slices` > 1 the data axis spans slices (DCN)."""
+    """The (data, fsdp, tensor) mesh of config.mesh (shape, num_slices) over `devices` (default: all)."""
+    return make_mesh(mesh_cfg.shape, num_slices=int(mesh_cfg.num_slices), devices=devices)
+
+
+def local_mesh() -> Mesh:
+    """This host's devices on the data axis, (-1, 1, 1): for host-local work (each host encoding its
+    own shards, a replicated model scoring a batch) that must not wait on other hosts."""
+    return make_mesh((-1, 1, 1), devices=jax.local_devices())
+
+
+def make_mesh(shape: Sequence[int], *, num_slices: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; -1 in `shape` = the remaining devices. With `num_slices` > 1 the
+    data axis spans slices (DCN)."""
     devices = list(devices) if devices is not None else jax.devices()
-    shape = resolve_mesh_shape(mesh_cfg.shape, len(devices))
-    num_slices = int(getattr(mesh_cfg, "num_slices", 1) or 1)
+    shape = resolve_mesh_shape(shape, len(devices))
     if num_slices > 1:
         if shape[0] % num_slices:
             raise ValueError(f"mesh: data axis {shape[0]} must be divisible by num_slices={num_slices}")
@@ -130,3 +142,87 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
     """Builds global arrays from each host's slice of the batch (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
             for k, v in local_batch.items()}
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a batch is split over: those of `axes.BATCH_AXES` the mesh has."""
+    return tuple(a for a in axes.BATCH_AXES if a in mesh.axis_names)
+
+
+class BatchedFn:
+    """`fn(params, *batch)` jitted with `params` replicated and each batch argument split over the mesh.
+
+    The one helper for "replicated weights, batch-sharded input, padded last batch" (VAE encode and
+    decode, Inception features, sampling, in-training eval):
+
+        graphdef, state = nnx.split(model)
+        encode = BatchedFn(lambda s, x: nnx.merge(graphdef, s).encode_moments(x), state, mesh)
+        mean, logvar = encode(images)                    # images (N, H, W, 3), any N
+
+    fn(params, *xs) -> a pytree of arrays whose leading axis is the batch. params (any pytree, e.g.
+    an nnx.State) are put on the mesh once, replicated, and passed to the compiled program as an
+    argument (never baked in as constants). Each call:
+      * pads every x in `xs` along axis 0 to max(N, min_batch) rounded up to a multiple of the batch
+        shards (the product of the mesh's data and fsdp sizes), repeating the last row (valid input
+        for any fn); with `min_batch` the caller's usual batch size, a short last batch reuses the
+        compiled program;
+      * puts them on the mesh with an explicit `jax.device_put` (no implicit transfers: it runs
+        under `jax.transfer_guard("disallow")`), the batch split over (data, fsdp);
+      * returns the outputs for the N real rows, as jax arrays: batch-sharded (`out="batch"`; when
+        padding was needed the trimmed result is replicated), or replicated on every device
+        (`out="replicated"`: every host can read the whole result).
+    xs may be numpy arrays (host) or jax arrays (padded on device). On a mesh spanning several hosts
+    every host must pass the same full batch (jax.device_put's rule for global shardings).
+
+    mesh: a Mesh from `create_mesh` / `make_mesh`; None = `local_mesh()` (this host's devices).
+    Attributes: mesh, params (the replicated copy), num_shards, jitted (for lowering / cost analysis).
+    """
+
+    def __init__(self, fn: Callable[..., Any], params: Any, mesh: Mesh | None = None, *, out: str = "batch",
+                 min_batch: int = 0):
+        if out not in ("batch", "replicated"):
+            raise ValueError(f"BatchedFn: out must be 'batch' or 'replicated', got {out!r}")
+        self.mesh = local_mesh() if mesh is None else mesh
+        names = batch_axes(self.mesh)
+        self.num_shards = math.prod(self.mesh.shape[a] for a in names)
+        self.min_batch = int(min_batch)
+        self._in = NamedSharding(self.mesh, P(names or None))
+        self._replicated = replicated(self.mesh)
+        self.params = jax.device_put(params, self._replicated)
+        self.jitted = jax.jit(fn, out_shardings=self._in if out == "batch" else self._replicated)
+
+    def padded_size(self, n: int) -> int:
+        """The batch size a call with n rows is padded to."""
+        return -(-max(n, self.min_batch, 1) // self.num_shards) * self.num_shards
+
+    def __call__(self, *xs: Any) -> Any:
+        n = int(xs[0].shape[0])
+        if any(int(x.shape[0]) != n for x in xs):
+            raise ValueError(f"BatchedFn: batch arguments of different lengths {[x.shape[0] for x in xs]}")
+        pad = self.padded_size(n) - n
+        if pad:
+            xs = tuple(_pad_rows(x, pad) for x in xs)
+        out = self.jitted(self.params, *(jax.device_put(x, self._in) for x in xs))
+        if not pad:
+            return out
+        # N rows do not split evenly over the shards: the trimmed result is replicated (explicit, so
+        # it also holds on meshes with explicit axis types, where slicing a sharded axis is an error).
+        return jax.tree.map(lambda v: _head(jax.device_put(v, self._replicated), n), out)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pad_on_device(x: jax.Array, pad: int) -> jax.Array:
+    return jax.numpy.concatenate([x, jax.numpy.repeat(x[-1:], pad, axis=0)])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _head(x: jax.Array, n: int) -> jax.Array:
+    return x[:n]
+
+
+def _pad_rows(x: Any, pad: int) -> Any:
+    """x with its last row repeated `pad` more times (on the device for jax arrays, else in numpy)."""
+    if isinstance(x, jax.Array):
+        return _pad_on_device(x, pad)
+    x = np.asarray(x)
+    return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])

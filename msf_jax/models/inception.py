@@ -21,14 +21,12 @@ Outputs, per image:
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from msf_jax import axes
+from msf_jax.sharding import BatchedFn
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the 2015 graph's softmax has 1008 outputs (1000 classes + 8 unused)
@@ -245,20 +243,13 @@ class FIDInception(nnx.Module):
         return out
 
 
-def _batch_sharding(mesh):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    names = tuple(a for a in axes.BATCH_AXES if a in mesh.axis_names)
-    shards = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-    return NamedSharding(mesh, P(names or None)), NamedSharding(mesh, P()), shards
-
-
 def make_feature_fn(model: FIDInception, mesh=None):
-    """Returns fn(images) -> {'pool', 'spatial'[, 'logits']} as jax arrays.
+    """Returns fn(images) -> {'pool', 'spatial'[, 'logits']} as jax arrays, replicated (every host can
+    read them).
 
-    `images`: (N,H,W,3) uint8 in [0,255] or float in [0,1]. With a mesh the batch is sharded over the
-    mesh's batch axes (padded to a multiple of their size; the padding is dropped from the result) and
-    the features come back replicated, so every host can read them.
+    `images`: (N,H,W,3) uint8 in [0,255] or float in [0,1], any N: the batch is sharded over the mesh's
+    batch axes, padded to a multiple of their size, and the padding dropped from the result
+    (`sharding.BatchedFn`); mesh None = this host's devices.
     """
     graphdef, state = nnx.split(model)
 
@@ -267,24 +258,4 @@ def make_feature_fn(model: FIDInception, mesh=None):
             images = images.astype(jnp.float32) / 255.0
         return nnx.merge(graphdef, state)(images)
 
-    if mesh is None:
-        jitted = jax.jit(forward)
-        return lambda images: jitted(state, images)
-
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    in_sharding, replicated, shards = _batch_sharding(mesh)
-    state = jax.device_put(state, NamedSharding(mesh, P()))
-    jitted = jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), in_sharding),
-                     out_shardings=replicated)
-
-    def fn(images: Any):
-        images = np.asarray(images)
-        n = images.shape[0]
-        pad = (-n) % shards
-        if pad:
-            images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)], axis=0)
-        out = jitted(state, jax.device_put(images, in_sharding))
-        return {k: v[:n] for k, v in out.items()} if pad else out
-
-    return fn
+    return BatchedFn(forward, state, mesh, out="replicated")

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from msf_jax import axes
+from msf_jax.sharding import BatchedFn
 
 SCALING_FACTOR = 0.18215  # SD-VAE latent scale (latent-diffusion / Stable Diffusion v1)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # posterior log-variance clip, as in DiagonalGaussianDistribution
@@ -240,45 +241,26 @@ def to_uint8(images):
     return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
 
 
-def _jit_with_params(model: nnx.Module, fn: Callable, mesh: jax.sharding.Mesh | None, n_out: int):
-    """Jits `fn(model, x)` with the params captured (replicated) and `x` batch-sharded over the mesh."""
+def _batched(model: nnx.Module, fn: Callable, mesh: jax.sharding.Mesh | None):
+    """`fn(model, x)` as a `sharding.BatchedFn`: params replicated, x batch-sharded, any batch size."""
     graphdef, state = nnx.split(model)
-
-    def pure(state, x):
-        return fn(nnx.merge(graphdef, state), x)
-
-    if mesh is None:
-        jitted = jax.jit(pure)
-    else:
-        from jax.sharding import NamedSharding, PartitionSpec as P
-
-        batch_axes = tuple(a for a in axes.BATCH_AXES if a in mesh.axis_names)
-        replicated = NamedSharding(mesh, P())
-        batch = NamedSharding(mesh, P(batch_axes))
-        state = jax.device_put(state, replicated)
-        out = batch if n_out == 1 else (batch,) * n_out
-        jitted = jax.jit(pure, in_shardings=(replicated, batch), out_shardings=out)
-
-    def call(x):
-        return jitted(state, x)
-
-    call.jitted = jitted  # for lowering / cost analysis
-    return call
+    return BatchedFn(lambda state, x: fn(nnx.merge(graphdef, state), x), state, mesh)
 
 
 def make_encode_fn(model: AutoencoderKL, mesh: jax.sharding.Mesh | None = None):
-    """Jitted `images (N, H, W, 3) in [-1, 1] -> (mean, logvar)`; batch sharded over ('data', 'fsdp').
+    """Jitted `images (N, H, W, 3) in [-1, 1] -> (mean, logvar)`, batch-sharded over (data, fsdp).
 
-    The parameters are captured when this is called (later changes to `model` are not seen). With a
-    mesh, the batch must divide the product of the mesh's data and fsdp axes.
+    The parameters are captured when this is called (later changes to `model` are not seen). Any N:
+    the batch is padded to the mesh's batch shards and the result trimmed (`sharding.BatchedFn`);
+    mesh None = this host's devices.
     """
-    return _jit_with_params(model, lambda m, x: m.encode_moments(x), mesh, 2)
+    return _batched(model, lambda m, x: m.encode_moments(x), mesh)
 
 
 def make_decode_fn(model: AutoencoderKL, mesh: jax.sharding.Mesh | None = None,
                    scaling_factor: float = SCALING_FACTOR):
-    """Jitted `scaled latent (N, h, w, 4) -> images in [-1, 1]` (via `decode_latents`); batch sharded."""
-    return _jit_with_params(model, lambda m, z: decode_latents(m, z, scaling_factor), mesh, 1)
+    """Jitted `scaled latent (N, h, w, 4) -> images in [-1, 1]` (via `decode_latents`); as make_encode_fn."""
+    return _batched(model, lambda m, z: decode_latents(m, z, scaling_factor), mesh)
 
 
 def num_params(model: nnx.Module) -> int:

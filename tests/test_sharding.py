@@ -1,0 +1,70 @@
+"""sharding.py: meshes from the config, the rule table from the config, and BatchedFn."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from msf_jax import axes, sharding
+
+
+def _fn(params, x, y):
+    """A per-row function of two batch arguments: (N, 3), (N,) -> {'a': (N, 3), 'b': (N,)}."""
+    return {"a": x * params["w"] + y[:, None], "b": jnp.sum(x, axis=1) + params["c"]}
+
+
+def _ref(params, x, y):
+    return {"a": x * params["w"] + y[:, None], "b": x.sum(1) + params["c"]}
+
+
+@pytest.mark.parametrize("out", ["batch", "replicated"])
+def test_batched_fn_pads_shards_and_trims(out):
+    mesh = jax.make_mesh((4, 2, 1), axes.MESH_AXES)
+    params = {"w": np.arange(3, dtype=np.float32), "c": np.float32(0.5)}
+    fn = sharding.BatchedFn(_fn, params, mesh, out=out)
+    assert fn.num_shards == 8 and fn.padded_size(3) == 8 and fn.padded_size(9) == 16
+    rng = np.random.default_rng(0)
+    for n in (3, 8, 11):  # short, exact, over one multiple
+        x, y = rng.standard_normal((n, 3)).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+        result = fn(x, y)
+        for k, v in _ref(params, x, y).items():
+            assert result[k].shape == v.shape
+            np.testing.assert_allclose(np.asarray(result[k]), v, rtol=1e-6)
+        spec = result["a"].sharding.spec
+        if out == "batch" and n % 8 == 0:  # untrimmed: still split over (data, fsdp)
+            assert spec[0] == ("data", "fsdp")
+        if out == "replicated":
+            assert result["a"].sharding.is_fully_replicated
+    # The parameters live once on the mesh, replicated.
+    assert fn.params["w"].sharding.is_fully_replicated and len(fn.params["w"].sharding.device_set) == 8
+
+
+def test_batched_fn_min_batch_compiles_once_and_has_no_implicit_transfers():
+    mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:4])
+    params = {"w": jnp.ones(3), "c": jnp.zeros(())}
+    fn = sharding.BatchedFn(_fn, params, mesh, min_batch=6)
+    x = jnp.arange(18, dtype=jnp.float32).reshape(6, 3)  # a device array: padded on the device
+    y = jnp.ones(6)
+    x2, y2 = x[:2], y[:2]
+    with jax.transfer_guard("disallow"):
+        full = fn(x, y)
+        last = fn(x2, y2)  # a short last batch: padded to 8 like the full one
+    assert fn.jitted._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(last["a"]), np.asarray(full["a"])[:2])
+    with pytest.raises(ValueError, match="different lengths"):
+        fn(x, y[:3])
+
+
+def test_local_mesh_and_config_mesh():
+    mesh = sharding.local_mesh()
+    assert mesh.axis_names == axes.MESH_AXES and mesh.devices.shape == (jax.local_device_count(), 1, 1)
+    fn = sharding.BatchedFn(_fn, {"w": np.ones(3, np.float32), "c": np.float32(0)}, None)
+    assert fn.mesh.devices.shape == mesh.devices.shape  # None = this host's devices
+    config = default.get_config()
+    config.mesh.shape = (2, 2, 2)
+    assert sharding.create_mesh(config.mesh).devices.shape == (2, 2, 2)
+    config.mesh.shape = (-1, 2, 1)
+    assert sharding.create_mesh(config.mesh, devices=jax.devices()[:4]).devices.shape == (2, 2, 1)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh((4, 4, 1))
