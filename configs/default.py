@@ -7,6 +7,8 @@ Override on the command line: `--config=configs/default.py --config.train.batch_
 
 import ml_collections
 
+from msf_jax import axes
+
 
 def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "ddpm",
                  num_sampling_steps: int = 250, guidance_scale: float = 1.5) -> ml_collections.ConfigDict:
@@ -125,6 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(
         shape=(-1, 1, 1),  # (data, fsdp, tensor); -1 = the remaining devices
         num_slices=1,  # multi-slice TPU: the data axis spans slices
+        # Logical parameter axis -> mesh axis (None = replicated, or a tuple of mesh axes), e.g.
+        # --config.mesh.rules="(('embed', None), ('mlp', 'tensor'), ...)" to turn FSDP off.
+        rules=axes.DEFAULT_RULES,
     ))
 
     config.sample = ml_collections.ConfigDict(dict(

@@ -444,7 +444,7 @@ def evaluate_from_config(config, workdir: str) -> dict[str, Any]:
         reference = input_pipeline.create_eval_images(config.data, num_images=int(ec.num_samples),
                                                       seed=int(config.seed) + 1000)["image"]
     mesh = None
-    if ec.metric == "fid" and "mesh" in config:
+    if ec.metric == "fid":
         from msf_jax import sharding
 
         mesh = sharding.create_mesh(config.mesh)

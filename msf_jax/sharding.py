@@ -90,10 +90,21 @@ def make_mesh(shape: Sequence[int], *, num_slices: int = 1, devices: Sequence[ja
     return Mesh(device_array, axes.MESH_AXES)
 
 
-def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:
-    """The rule table: `config.mesh.rules` when a config sets it, else `axes.DEFAULT_RULES`."""
-    rules = getattr(getattr(config, "mesh", None), "rules", None) if config is not None else None
-    return tuple(tuple(r) for r in rules) if rules else axes.DEFAULT_RULES
+def logical_rules(config) -> tuple[tuple[str, Any], ...]:
+    """The rule table `config.mesh.rules` ((logical axis, mesh axis | None | tuple of mesh axes), ...),
+    checked and as tuples (a config read back from JSON holds lists)."""
+    rules = []
+    for rule in config.mesh.rules:
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(f"mesh.rules: each rule is (logical axis, mesh axes), got {rule!r}")
+        name, target = rule
+        target = tuple(target) if isinstance(target, (list, tuple)) else target
+        unknown = [t for t in (target if isinstance(target, tuple) else (target,))
+                   if t is not None and t not in axes.MESH_AXES]
+        if unknown:
+            raise ValueError(f"mesh.rules: {name!r} -> {target!r}: {unknown} are not mesh axes {axes.MESH_AXES}")
+        rules.append((name, target))
+    return tuple(rules)
 
 
 def _fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

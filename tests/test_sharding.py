@@ -68,3 +68,16 @@ def test_local_mesh_and_config_mesh():
     assert sharding.create_mesh(config.mesh, devices=jax.devices()[:4]).devices.shape == (2, 2, 1)
     with pytest.raises(ValueError, match="needs 16 devices"):
         sharding.make_mesh((4, 4, 1))
+
+
+def test_rules_come_from_the_config():
+    config = default.get_config()
+    assert sharding.logical_rules(config) == axes.DEFAULT_RULES  # declared there, not a fallback
+    config.mesh.rules = (("embed", None), ("mlp", ["tensor"]), ("heads", ["data", "fsdp"]))  # lists: from JSON
+    assert sharding.logical_rules(config) == (("embed", None), ("mlp", ("tensor",)), ("heads", ("data", "fsdp")))
+    config.mesh.rules = (("embed", "fspd"),)
+    with pytest.raises(ValueError, match="fspd"):
+        sharding.logical_rules(config)
+    config.mesh.rules = (("embed",),)
+    with pytest.raises(ValueError, match="each rule"):
+        sharding.logical_rules(config)
