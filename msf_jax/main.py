@@ -2,7 +2,8 @@
 
 Modes: train | sample | evaluate | extract_latents | demo | sweep. The console script `msf-jax` runs the same.
 All logic lives in importable modules; this file parses flags and turns expected failures (bad
-config, missing data, mismatched checkpoint, NaN loss) into one-line errors.
+config, missing data, mismatched checkpoint, NaN loss: errors msf_jax raises on purpose) into
+one-line errors; anything else (a bug) keeps its traceback.
 """
 
 from __future__ import annotations
@@ -66,13 +67,33 @@ def main(argv) -> None:
         raise app.UsageError("--workdir is required")
     try:
         _run_mode(_MODE.value, config, workdir)
-    except (ValueError, FileNotFoundError, FloatingPointError, KeyError) as e:
-        # Expected failures (bad settings, missing files, mismatched checkpoints, NaN loss):
-        # one line, no traceback. Set MSF_JAX_TRACEBACK=1 to see where they came from.
-        if os.environ.get("MSF_JAX_TRACEBACK"):
-            raise
+    except EXPECTED_ERRORS as e:
+        if not is_expected_error(e) or os.environ.get("MSF_JAX_TRACEBACK"):
+            raise  # a bug keeps its traceback (MSF_JAX_TRACEBACK=1 shows it for expected ones too)
         print(f"msf_jax: error: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+# What msf_jax raises on purpose for a problem the user can fix: bad settings, missing files,
+# mismatched checkpoints or weights (ConversionError), NaN loss (NonFiniteLossError), ...
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def is_expected_error(e: BaseException) -> bool:
+    """True for an EXPECTED_ERRORS instance raised by a `raise` statement of msf_jax itself: the one-line
+    messages our checks write. The same types raised inside a library (numpy, jax, ...) or by an
+    operation of ours that failed (e.g. `int("x")`, a bad reshape), and every other type (KeyError,
+    AttributeError, ...), are bugs or need their traceback."""
+    import linecache
+
+    if not isinstance(e, EXPECTED_ERRORS) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    return path.startswith(_PACKAGE_DIR) and linecache.getline(path, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def run() -> None:

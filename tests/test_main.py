@@ -1,0 +1,49 @@
+"""main.py: errors msf_jax raises on purpose become one line; a bug keeps its traceback."""
+
+import types
+
+import pytest
+
+from msf_jax import extract, main
+from tests.tiny import tiny_config
+
+
+def _run_main(monkeypatch, tmp_path, config):
+    """main.main as `--mode=extract_latents --workdir=tmp_path` with `config` (flags stubbed)."""
+    monkeypatch.delenv("MSF_JAX_TRACEBACK", raising=False)
+    for name, value in (("_CONFIG", config), ("_MODE", "extract_latents"), ("_WORKDIR", str(tmp_path))):
+        monkeypatch.setattr(main, name, types.SimpleNamespace(value=value))
+    main.main(["msf_jax"])
+
+
+def test_our_error_is_one_line(monkeypatch, tmp_path, capsys):
+    config = tiny_config()  # source "synthetic": extract_latents refuses it with a ValueError of its own
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(monkeypatch, tmp_path, config)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("msf_jax: error: ValueError: --mode=extract_latents encodes")
+
+
+@pytest.mark.parametrize("bug", [
+    lambda: {}["missing"],  # KeyError: never a user error
+    lambda: int("not a number"),  # a ValueError, but not one msf_jax raised on purpose
+])
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, capsys, bug):
+    monkeypatch.setattr(extract, "extract_latents", lambda config, workdir: bug())
+    with pytest.raises((KeyError, ValueError)):
+        _run_main(monkeypatch, tmp_path, tiny_config())
+    assert "msf_jax: error" not in capsys.readouterr().err
+
+
+def test_expected_errors_need_a_raise_statement_in_the_package(monkeypatch):
+    monkeypatch.delenv("MSF_JAX_TRACEBACK", raising=False)
+    try:
+        extract.extract_latents(tiny_config(), None)
+    except ValueError as e:
+        assert main.is_expected_error(e)
+    try:
+        int("x")
+    except ValueError as e:
+        assert not main.is_expected_error(e)
+    assert not main.is_expected_error(KeyError("k"))
