@@ -121,7 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
         sample_grid_size=16,
         eval_every=0,  # in-training FID / SWD (config.eval.metric) every K steps; 0 disables
         eval_num_samples=2000,  # EMA samples scored at each in-training eval
-        profile=False,
+        profile=False,  # a jax.profiler trace into the workdir (TensorBoard's profile tab)
+        profile_first=10,  # steps after the (re)start at which the trace begins (past compilation)
+        profile_steps=5,  # steps traced
     ))
 
     config.mesh = ml_collections.ConfigDict(dict(

@@ -31,13 +31,6 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def _progress_printer(stage: str, t0: float):
-    def progress(step, num_steps, metrics):
-        _say(f"{stage}: step {step}/{num_steps} loss {metrics['loss']:.4f} "
-             f"{metrics['steps_per_s']:.1f} steps/s ({time.perf_counter() - t0:.0f}s)")
-    return progress
-
-
 def stage_config(config, stage: str, stats_path: str):
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
@@ -65,8 +58,7 @@ def run_demo(config, workdir: str) -> dict:
         t0 = time.perf_counter()
         _say(f"training the {stage} stage: {cfg.train.num_steps} steps, batch {cfg.train.batch_size}, "
              f"model {cfg[stage].model.name} depth {cfg[stage].model.depth} width {cfg[stage].model.hidden_size}")
-        summary = train.train_and_evaluate(cfg, os.path.join(workdir, stage),
-                                           progress=_progress_printer(stage, t0))
+        summary = train.train_and_evaluate(cfg, os.path.join(workdir, stage))  # shows its progress line
         models[stage] = summary["trainer"].ema_model(summary["state"])
         _say(f"{stage} stage done in {time.perf_counter() - t0:.0f}s")
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from scipy import linalg
 
+from msf_jax.progress import Progress
+
 
 class EvaluationError(ValueError):
     """An input file or array is missing or malformed (one-line message)."""
@@ -146,15 +148,25 @@ class FeatureStats:
             raise EvaluationError(f"{path}: holds images only; computing their statistics needs Inception "
                                   "weights")
         images, _ = load_npz_images(path)
-        return compute_image_stats(iterate_batches(images, batch_size), feature_fn, key)
+        return FeatureStats.from_features(compute_features(iterate_batches(images, batch_size), feature_fn,
+                                                           total=len(images), desc=f"Inception features of {path}")[key])
 
 
-def compute_features(images_iter: Iterable[np.ndarray], feature_fn: Callable) -> dict[str, np.ndarray]:
-    """Runs `feature_fn` over batches and concatenates each output on the host."""
+def compute_features(images_iter: Iterable[np.ndarray], feature_fn: Callable, *, total: int = 0,
+                     desc: str = "Inception features") -> dict[str, np.ndarray]:
+    """Runs `feature_fn` over batches and concatenates each output on the host.
+
+    With `total` (the number of images), shows a progress line ("compiling" until the first batch).
+    """
+    import jax  # (the module itself imports no JAX: numpy-only metrics load fast)
+
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in images_iter:
-        for k, v in feature_fn(batch).items():
-            parts.setdefault(k, []).append(np.asarray(v))
+    with Progress(total, desc, unit="img", phase="compiling",
+                  enabled=total > 0 and jax.process_index() == 0) as progress:
+        for batch in images_iter:
+            for k, v in feature_fn(batch).items():
+                parts.setdefault(k, []).append(np.asarray(v))
+            progress.update(len(batch))
     if not parts:
         raise EvaluationError("no images to compute features of")
     return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
@@ -392,7 +404,8 @@ def evaluate_images(samples: np.ndarray, *, reference, inception_weights: str | 
         return results
 
     feature_fn = _inception_feature_fn(inception_weights, mesh)
-    feats = compute_features(iterate_batches(samples, batch_size), feature_fn)
+    feats = compute_features(iterate_batches(samples, batch_size), feature_fn, total=len(samples),
+                             desc="Inception features of the samples")
     pool, spatial = FeatureStats.from_features(feats["pool"]), FeatureStats.from_features(feats["spatial"])
     if stats_out:
         pool.save(stats_out, spatial=spatial)
@@ -401,7 +414,9 @@ def evaluate_images(samples: np.ndarray, *, reference, inception_weights: str | 
         ref_pool = FeatureStats.load(reference)
         ref_spatial = FeatureStats.load(reference, "_s") if "mu_s" in ref_keys else None
     elif "arr_0" in ref_keys:
-        ref_feats = compute_features(iterate_batches(reference_images("FID"), batch_size), feature_fn)
+        ref_images = reference_images("FID")
+        ref_feats = compute_features(iterate_batches(ref_images, batch_size), feature_fn, total=len(ref_images),
+                                     desc="Inception features of the reference")
         ref_pool = FeatureStats.from_features(ref_feats["pool"])
         ref_spatial = FeatureStats.from_features(ref_feats["spatial"])
     else:
@@ -414,8 +429,9 @@ def evaluate_images(samples: np.ndarray, *, reference, inception_weights: str | 
         results["inception_score"] = inception_score(feats["logits"])
     if precision_recall:
         if ref_feats is None:
-            ref_feats = compute_features(iterate_batches(reference_images("precision/recall"), batch_size),
-                                         feature_fn)
+            ref_images = reference_images("precision/recall")
+            ref_feats = compute_features(iterate_batches(ref_images, batch_size), feature_fn,
+                                         total=len(ref_images), desc="Inception features of the reference")
         results["precision"], results["recall"] = precision_recall_fn(ref_feats["pool"], feats["pool"])
     return results
 

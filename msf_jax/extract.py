@@ -251,7 +251,7 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
         encoder = _Encoder(make_encode_fn(vae, sharding.local_mesh()))
         decode = functools.partial(decode_crop, image_size=image_size, min_side=min_side)
         progress = Progress(sum(len(shard_range(s)) for s in mine), "extract_latents", unit="img",
-                            initial=done_examples)
+                            initial=done_examples, phase="compiling")
         threads = int(data_cfg.read_threads)
         run_skips = SkipCounter()
         t0 = time.perf_counter()

@@ -8,13 +8,13 @@ one-line errors; anything else (a bug) keeps its traceback.
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+# (msf_jax/__init__.py, run before this file, keeps TensorFlow's start-up banner quiet.)
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 MODES = ("train", "sample", "evaluate", "extract_latents", "demo", "sweep")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -24,9 +24,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 
 def _run_mode(mode: str, config, workdir: str) -> None:
     if mode == "train":
+        from msf_jax.progress import Progress  # no JAX: the line shows before the slow imports
+
+        line = Progress(config.train.num_steps, f"train {config.stage}", unit="step", phase="starting")
         from msf_jax import train
 
-        summary = train.train_and_evaluate(config, workdir)
+        summary = train.train_and_evaluate(config, workdir, progress=line)
         logging.info("Stopped at step %d (%s)", summary["step"],
                      "preempted" if summary["preempted"] else "done")
     elif mode == "sample":
@@ -52,9 +55,21 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         demo.run_demo(config, workdir)
 
 
+class _LibraryInfoFilter(py_logging.Filter):
+    """Drops the INFO chatter of libraries (orbax logs ~60 lines per checkpoint) unless --verbosity>=1."""
+
+    QUIET = (f"{os.sep}orbax{os.sep}",)
+
+    def filter(self, record) -> bool:
+        if record.levelno >= py_logging.WARNING or logging.get_verbosity() > logging.INFO:
+            return True
+        return not any(part in record.pathname for part in self.QUIET)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     config = _CONFIG.value
     if config is None:
         from msf_jax import demo  # `--mode=demo` without --config uses the demo config

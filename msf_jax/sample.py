@@ -234,7 +234,7 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
     logging.info("Sampling %d images in %d shards (%d left on this host)", n, num_shards, len(todo))
     generator = generator or make_generator(config)
     progress = Progress(sum(min(shard, n - s * shard) for s in mine), "sampling", unit="img",
-                        initial=done_count)
+                        initial=done_count, phase="compiling" if todo else "")
     for s in todo:
         indices = np.arange(s * shard, min(n, (s + 1) * shard), dtype=np.int64)
         labels = labels_for_indices(indices, config.data.num_classes, sc.labels, config.seed)

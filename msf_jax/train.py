@@ -2,8 +2,9 @@
 
 The train state is a pytree {step, rng, params, ema, opt} whose arrays live sharded on the mesh
 (`sharding.py`); one jitted step with donated state does loss, gradient, AdamW and EMA. The loop
-around it restores from `workdir`, checkpoints (also on SIGTERM), logs clu metrics and writes
-periodic EMA sample grids.
+around it restores from `workdir`, checkpoints (also on SIGTERM), shows a live progress line, logs
+clu metrics averaged over the log window, and writes periodic EMA sample grids (PNG and TensorBoard)
+and, with `train.profile`, a profiler trace (`train_report.py`).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from clu import metric_writers
 from flax import nnx
 
 from msf_jax import checkpoint as ckpt_lib
-from msf_jax import sharding, stages
+from msf_jax import sharding, stages, train_report
 from msf_jax.data import input_pipeline
 from msf_jax.diffusion import make_process
 from msf_jax.factorize import Factorizer, FactorStats, compute_stats
 from msf_jax.models.dit import dit_flops_per_example
+from msf_jax.progress import Progress
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -210,55 +212,82 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, progress: Progress | None = None,
+                       writer: metric_writers.MetricWriter | None = None) -> dict[str, Any]:
     """Trains `config.stage` for `config.train.num_steps` steps in `workdir`, resuming if possible.
 
-    Returns a summary: final step, last metrics, whether it stopped early (preemption).
-    `progress`, if given, is called as progress(step, num_steps, metrics) at every log step.
+    Returns a summary: final step, the last log window's metrics, whether it stopped early
+    (preemption). `progress`: the live progress line, if the caller opened it already (main.py does,
+    before the slow imports); `writer`: a clu MetricWriter (default: TensorBoard + log lines).
     """
+    progress = train_report.open_progress(config, progress)
+    try:
+        return _train(config, workdir, progress, writer)
+    finally:
+        progress.close()
+
+
+def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
     sharding.maybe_initialize_distributed()
+    progress.enabled = progress.enabled and jax.process_index() == 0
     mesh = sharding.create_mesh(config.mesh)
+    progress.phase("loading factorizer statistics")
     stats = load_or_measure_stats(config, workdir)
+    progress.phase("building the model")
     trainer = Trainer(config, mesh, stats)
     tc = config.train
     if tc.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {jax.process_count()} hosts")
+    progress.phase("opening the data")
     data_it = input_pipeline.create_train_iterator(
         config.data, global_batch_size=tc.batch_size, seed=config.seed,
         process_index=jax.process_index(), process_count=jax.process_count())
     checkpointer = ckpt_lib.RunCheckpointer(workdir, max_to_keep=tc.keep_checkpoints)
     config_dict = ckpt_lib.config_to_dict(config)
     if checkpointer.latest_step() is not None:
+        progress.phase("restoring the checkpoint")
         step, state = checkpointer.restore(trainer.abstract_state, data_it, config_dict)
         logging.info("Restored step %d from %s", step, checkpointer.directory)
     else:
+        progress.phase("initializing")
         state = trainer.init_state()
     step = int(state["step"])
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    progress.start_at(step)
+    if writer is None:
+        writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if step == 0:
         writer.write_hparams({k: v for k, v in _flat(config_dict).items() if isinstance(v, (int, float, str))})
 
     summary: dict[str, Any] = {"start_step": step, "preempted": False}
     last_metrics: dict[str, float] = {}
+    window = train_report.WindowAverage()  # every metric averaged over the log window, on device
+    profiler = train_report.Profiler(config, workdir, step)
     t_log, step_log = time.perf_counter(), step
+    progress.phase("compiling")
     with _SigtermFlag() as sigterm:
         while step < tc.num_steps:
             batch = trainer.global_batch(next(data_it))
-            state, metrics = trainer.train_step(state, batch)
+            state, step_metrics = trainer.train_step(state, batch)
+            window.add(step_metrics)
             step += 1
+            profiler(step)
             is_last = step == tc.num_steps
             save_now = is_last or step % tc.checkpoint_every == 0
             log_now = is_last or step % tc.log_every == 0
             # Multi-host preemption goes through orbax's synchronized check (all hosts agree on the
             # step); a single process also honours its own SIGTERM.
             stop_now = checkpointer.reached_preemption(step) or (jax.process_count() == 1 and sigterm.raised)
-            if save_now or log_now or stop_now:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(metrics["loss"]):
-                    checkpointer.close()
-                    raise NonFiniteLossError(
-                        f"loss is {metrics['loss']} at step {step}; stopped without saving "
-                        f"(last good checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory})")
+            if log_now:
+                metrics = window.compute()
+                loss = metrics["loss"]
+            elif save_now or stop_now:
+                loss = window.peek("loss")  # NaN if any step of the window was NaN
+            if (log_now or save_now or stop_now) and not np.isfinite(loss):
+                checkpointer.close()
+                profiler.close()
+                raise NonFiniteLossError(
+                    f"loss is {loss} at step {step}; stopped without saving "
+                    f"(last good checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory})")
             if log_now:
                 dt = time.perf_counter() - t_log
                 steps_per_s = (step - step_log) / max(dt, 1e-9)
@@ -266,22 +295,29 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
                                tflops_per_device=3 * trainer.flops_per_example * tc.batch_size * steps_per_s
                                / jax.device_count() / 1e12)
                 metrics.update({f"data/{k}": v for k, v in input_pipeline.skip_stats(data_it).items()})
+                progress.clear()
                 writer.write_scalars(step, metrics)
+                progress.extra = train_report.step_extra(metrics)
                 last_metrics = metrics
-                if progress is not None:
-                    progress(step, tc.num_steps, metrics)
                 t_log, step_log = time.perf_counter(), step
+            if progress.due():  # wait for the device only when the line is redrawn
+                jax.block_until_ready(step_metrics["loss"])
+            progress.update(1)
             if save_now or stop_now:
+                progress.phase("saving a checkpoint")
                 checkpointer.save(step, state, data_it, config_dict, force=True)
             if tc.sample_every and (step % tc.sample_every == 0 or is_last):  # all hosts: it is a collective
-                _write_sample_grid(config, trainer, state, workdir, step)
+                progress.phase("drawing a sample grid")
+                _write_sample_grid(config, trainer, state, workdir, step, writer)
             if tc.eval_every and (step % tc.eval_every == 0 or is_last):
+                progress.phase("evaluating")
                 summary["eval"] = _periodic_eval(config, trainer, state, step)
                 writer.write_scalars(step, summary["eval"])
             if stop_now and not is_last:
                 logging.warning("Preempted (SIGTERM) at step %d: checkpoint saved, exiting.", step)
                 summary["preempted"] = True
                 break
+    profiler.close()
     checkpointer.close()
     writer.flush()
     summary.update(step=step, metrics=last_metrics, state=state, trainer=trainer,
@@ -289,14 +325,16 @@ def train_and_evaluate(config, workdir: str, *, progress=None) -> dict[str, Any]
     return summary
 
 
-def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int) -> None:
-    """EMA samples of this stage as a PNG grid (pixel space, or latent space with a VAE)."""
+def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int, writer) -> None:
+    """EMA samples of this stage as a PNG grid and a TensorBoard image (pixel space, or latents
+    with a VAE)."""
     from msf_jax import stage_eval
 
     try:
         path = stage_eval.training_grid(config, trainer, state, workdir, step)
         if path:
             logging.info("Wrote sample grid %s", path)
+            writer.write_images(step, {f"samples/{trainer.stage}": train_report.image_summary(path)})
     except Exception as e:  # pylint: disable=broad-except
         # A grid is a convenience: a failure to draw one must not lose the training run.
         logging.warning("Sample grid at step %d failed: %s", step, e)
