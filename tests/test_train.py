@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from msf_jax import sharding, train
 from msf_jax.factorize import Factorizer
+from msf_jax.progress import Progress
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,11 +75,14 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 
     # SIGTERM (preemption) arrives during step 2: the run saves at the next step boundary and
     # returns; resuming completes it.
-    def preempt(step, num_steps, metrics):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+    class Preempt(Progress):  # the progress line hears of every step: a hook for the signal
+        def update(self, n=1, extra=None):
+            super().update(n, extra)
+            if self.count == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
 
-    stopped = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "sigterm"), progress=preempt)
+    stopped = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "sigterm"),
+                                       progress=Preempt(6, "train base", enabled=False))
     assert stopped["preempted"] and stopped["step"] == 3
     assert "3" in os.listdir(tmp_path / "sigterm" / "checkpoints")
     resumed = train.train_and_evaluate(tiny_config(num_steps=6), str(tmp_path / "sigterm"))
