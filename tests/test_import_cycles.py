@@ -18,12 +18,13 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 # Packages are matched by prefix. A new module must be placed here.
 LAYERS = (
     ("entry points", ("main", "demo", "benchmark")),
-    ("jobs", ("train", "sample", "evaluate", "extract", "stage_eval", "sweep", "sweep_sampler", "frontier")),
+    ("jobs", ("train", "sample", "evaluate", "extract", "stage_eval", "sweep", "sweep_sampler", "frontier",
+              "train_report")),
     ("pipeline", ("pipeline",)),
     ("stages", ("stages",)),
     ("converters", ("convert",)),  # PyTorch -> Flax at the boundary: above the models they fill
     ("numerics", ("models", "diffusion", "factorize", "train_step")),
-    ("infrastructure", ("data", "checkpoint", "sharding", "outputs", "paths", "progress", "axes", "compile_cache",
+    ("infrastructure", ("data", "checkpoint", "sharding", "outputs", "paths", "progress", "figures", "axes", "compile_cache",
                         "")),
 )
 JOBS = LAYERS[0][1] + LAYERS[1][1]
