@@ -142,6 +142,18 @@ def test_cli_errors_are_one_line(tmp_path):
     assert missing.returncode == 1
     assert "nowhere" in missing.stderr and "Traceback" not in missing.stderr, missing.stderr[-2000:]
 
+    # A folder where no image decodes: one line (it used to end in a multi-line grain RuntimeError).
+    for c in ("cats", "dogs"):
+        (tmp_path / "junk" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "junk" / c / f"{i}.jpg").write_bytes(b"not an image")
+    junk = _run_main("--mode=train", "--config=configs/demo.py", "--config.data.source=folder",
+                     f"--config.data.folder={tmp_path}/junk", "--config.data.num_classes=2",
+                     f"--workdir={tmp_path}/w2")
+    errors = [l for l in junk.stderr.splitlines() if l.startswith("msf_jax: error:")]
+    assert junk.returncode == 1 and "Traceback" not in junk.stderr, junk.stderr[-3000:]
+    assert len(errors) == 1 and "no usable examples" in errors[0] and "undecodable" in errors[0], errors
+
 
 @pytest.mark.parametrize("stage", ["base", "residual"])
 def test_grids_and_in_training_eval(tmp_path, stage):

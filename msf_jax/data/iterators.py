@@ -19,6 +19,13 @@ from msf_jax.data.images import SKIP_REASONS, SkipCounter
 MAX_CONSECUTIVE_SKIPS = 10_000  # a source where nothing decodes is an error, not an infinite loop
 
 
+class NoUsableExamplesError(ValueError):
+    """Every example of a long run (or of a whole epoch) was skipped: the data cannot make a batch.
+
+    A ValueError, so the entry point reports it in one line like the other bad inputs.
+    """
+
+
 def derive_seed(*values: int) -> int:
     """A 32-bit seed that is a pure function of `values` (seed, process index, purpose)."""
     return int(np.random.SeedSequence([int(v) % 2**32 for v in values]).generate_state(1)[0])
@@ -37,9 +44,9 @@ def normalize_images(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class _BatchValidIterator(grain.DatasetIterator):
     """Collects `batch_size` examples whose 'reason' is 0; counts every example by reason."""
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, max_skips: int):
         super().__init__(parent)
-        self._batch_size = batch_size
+        self._batch_size, self._max_skips = batch_size, max_skips
 
     def __next__(self) -> dict[str, np.ndarray]:
         kept: list[dict[str, Any]] = []
@@ -54,9 +61,11 @@ class _BatchValidIterator(grain.DatasetIterator):
                 consecutive = 0
             else:
                 consecutive += 1
-                if consecutive >= MAX_CONSECUTIVE_SKIPS:
-                    raise RuntimeError(f"the last {consecutive} examples were all skipped (counts by reason: "
-                                       f"{dict(zip(SKIP_REASONS, counts.tolist()))}): is the dataset readable?")
+                if consecutive >= self._max_skips:
+                    found = ", ".join(f"{n} {r}" for r, n in zip(SKIP_REASONS, counts.tolist()) if n)
+                    raise NoUsableExamplesError(
+                        f"no usable examples: the last {consecutive} were all skipped ({found}); "
+                        "is the dataset readable, and are the images large enough (data.min_image_side)?")
         batch = {k: np.stack([e[k] for e in kept]) for k in kept[0]}
         batch["skip_counts"] = counts
         return batch
@@ -69,12 +78,15 @@ class _BatchValidIterator(grain.DatasetIterator):
 
 
 class _BatchValidIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, epoch_size: int | None = None):
         super().__init__(parent)
         self._batch_size = batch_size
+        # Skips are deterministic per example, and any 2N consecutive examples of a reshuffled
+        # N-example shard include a whole epoch: that many skips in a row means none can be used.
+        self._max_skips = MAX_CONSECUTIVE_SKIPS if not epoch_size else min(MAX_CONSECUTIVE_SKIPS, 2 * epoch_size)
 
     def __iter__(self) -> _BatchValidIterator:
-        return _BatchValidIterator(self._parent.__iter__(), self._batch_size)
+        return _BatchValidIterator(self._parent.__iter__(), self._batch_size, self._max_skips)
 
 
 class TrainIterator(grain.DatasetIterator):
@@ -155,4 +167,5 @@ def build_iterator(source, example_fn: Callable[[Any, np.random.Generator], dict
     ds = ds.random_map(example_fn, seed=derive_seed(seed, process_index, 2))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                               prefetch_buffer_size=max(64, 2 * batch_size)))
-    return finish(_BatchValidIterDataset(ds, batch_size), num_workers, postprocess, ignored_files)
+    epoch_size = len(range(process_index, len(source), process_count))  # this host's shard
+    return finish(_BatchValidIterDataset(ds, batch_size, epoch_size), num_workers, postprocess, ignored_files)
