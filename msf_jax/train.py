@@ -222,9 +222,12 @@ def train_and_evaluate(config, workdir: str, *, progress: Progress | None = None
     """
     progress = train_report.open_progress(config, progress)
     try:
-        return _train(config, workdir, progress, writer)
-    finally:
-        progress.close()
+        summary = _train(config, workdir, progress, writer)
+    except BaseException:
+        progress.close("stopped")
+        raise
+    progress.close()
+    return summary
 
 
 def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
