@@ -103,7 +103,10 @@ class TrainIterator(grain.DatasetIterator):
         self.skip_counter.ignored_files = ignored_files
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch = dict(next(self._parent))
+        try:
+            batch = dict(next(self._parent))
+        except NoUsableExamplesError as e:  # re-raised by grain from a worker: raise it from here
+            raise NoUsableExamplesError(str(e)) from None
         self.skip_counter.add_counts(batch.pop("skip_counts"))
         return self._postprocess(batch)
 
