@@ -19,6 +19,7 @@ from absl import logging
 from msf_jax import outputs
 from msf_jax.data import input_pipeline
 from msf_jax.factorize import Factorizer
+from msf_jax.stats import RUN_STATS_FILE, resolve_stats
 
 
 def default_demo_config():
@@ -48,8 +49,8 @@ def run_demo(config, workdir: str) -> dict:
     logging.set_verbosity(logging.WARNING)  # the demo reports its own progress lines
     os.makedirs(workdir, exist_ok=True)
     _say(f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s); writing to {workdir}")
-    stats_path = os.path.join(workdir, "factor_stats.json")
-    stats = train.load_or_measure_stats(stage_config(config, "base", ""), workdir)
+    stats_path = os.path.join(workdir, RUN_STATS_FILE)
+    stats = resolve_stats(stage_config(config, "base", ""), workdir)
     _say(f"factorizer statistics in {stats_path}")
 
     models = {}

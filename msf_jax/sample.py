@@ -27,6 +27,7 @@ from msf_jax import outputs, stages
 from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.pipeline import sample_dit, sample_msf
 from msf_jax.progress import Progress
+from msf_jax.stats import resolve_stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,14 +82,8 @@ def load_stage_model(config, stage: str, source: str, *, use_ema: bool = True) -
 
 
 def load_stats(config, workdir: str | None = None) -> FactorStats | None:
-    """Factorizer statistics: config.factorizer.stats_path, else `factor_stats.json` in a workdir."""
-    if not config.factorizer.standardize:
-        return None
-    candidates = [config.factorizer.stats_path] + ([os.path.join(workdir, "factor_stats.json")] if workdir else [])
-    for path in candidates:
-        if path and os.path.exists(path):
-            return FactorStats.load(path)
-    raise FileNotFoundError(f"factorizer statistics not found (looked at {[c for c in candidates if c]})")
+    """The factorizer statistics a stage was trained with (`stats.resolve_stats`, without measuring)."""
+    return resolve_stats(config, workdir, measure=False)
 
 
 # ----------------------------------------------------------------------------------------------

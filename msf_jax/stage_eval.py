@@ -26,7 +26,7 @@ from msf_jax.sample import make_decoder, sample_keys
 
 def real_latents(config, num: int, seed: int) -> tuple[jax.Array, np.ndarray]:
     """`num` real z (pixels, or posterior means of cached latents) with their labels."""
-    from msf_jax.train import batch_to_z
+    from msf_jax.stats import batch_to_z
 
     batch_size = min(num, config.train.batch_size)
     it = input_pipeline.create_train_iterator(config.data, global_batch_size=batch_size, seed=seed,

@@ -9,7 +9,6 @@ and, with `train.profile`, a profiler trace (`train_report.py`).
 
 from __future__ import annotations
 
-import os
 import signal
 import time
 from typing import Any
@@ -26,9 +25,10 @@ from msf_jax import checkpoint as ckpt_lib
 from msf_jax import sharding, stages, train_report
 from msf_jax.data import input_pipeline
 from msf_jax.diffusion import make_process
-from msf_jax.factorize import Factorizer, FactorStats, compute_stats
+from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.models.dit import dit_flops_per_example
 from msf_jax.progress import Progress
+from msf_jax.stats import batch_to_z, resolve_stats
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -47,15 +47,6 @@ def create_optimizer(train_cfg) -> optax.GradientTransformation:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
     parts.append(optax.adamw(lr, b1=train_cfg.b1, b2=train_cfg.b2, weight_decay=train_cfg.weight_decay))
     return optax.chain(*parts)
-
-
-def batch_to_z(config, batch: dict, key: jax.Array) -> jax.Array:
-    """The training target z (N,H,W,C): pixels, or a fresh posterior sample of a cached latent."""
-    if config.space == "pixel":
-        return batch["image"]
-    from msf_jax.models.vae import sample_latents  # the one place the VAE scaling factor is applied
-
-    return sample_latents(batch["mean"], batch["logvar"], key, config.vae.scaling_factor)
 
 
 class Trainer:
@@ -128,67 +119,6 @@ class Trainer:
         return nnx.merge(self.graphdef, state["ema"], state["rest"])
 
 
-def measure_stats(config, factorizer: Factorizer, num_batches: int) -> FactorStats:
-    """Per-channel statistics of every factorizer component over `num_batches` training batches."""
-    # Every host reads the same (first) shard, so all hosts standardize with identical statistics.
-    it = input_pipeline.create_train_iterator(config.data, global_batch_size=config.train.batch_size,
-                                              seed=config.seed + 1, process_index=0, process_count=1)
-    key = jax.random.key(config.seed + 1)
-
-    def batches():
-        for i in range(num_batches):
-            batch = next(it)
-            yield np.asarray(batch_to_z(config, {k: jnp.asarray(v) for k, v in batch.items()
-                                                 if k in ("image", "mean", "logvar")},
-                                        jax.random.fold_in(key, i)))
-
-    return compute_stats(batches(), factorizer)
-
-
-def load_or_measure_stats(config, workdir: str) -> FactorStats | None:
-    """Factorizer statistics: config.factorizer.stats_path, else the run's own `factor_stats.json`,
-    else those the latent cache measured (when they fit this factorizer), else measured now."""
-    if not config.factorizer.standardize:
-        return None
-    if config.factorizer.stats_path:
-        if not os.path.exists(config.factorizer.stats_path):
-            raise FileNotFoundError(f"factorizer.stats_path {config.factorizer.stats_path} does not exist")
-        return FactorStats.load(config.factorizer.stats_path)
-    path = os.path.join(workdir, "factor_stats.json")
-    if os.path.exists(path):
-        return FactorStats.load(path)
-    stats = _latent_cache_stats(config)
-    if stats is None:
-        logging.info("Measuring factorizer statistics over %d batches", config.factorizer.stats_batches)
-        stats = measure_stats(config, Factorizer.from_config(config.factorizer), config.factorizer.stats_batches)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        stats.save(path + ".tmp")  # a resumed run uses exactly the statistics it started with
-        os.replace(path + ".tmp", path)
-    return stats
-
-
-def _latent_cache_stats(config) -> FactorStats | None:
-    """The statistics `extract_latents` stored next to the cache, if measured for this factorizer."""
-    if config.data.source != "latent_cache" or not config.data.cache_dir:
-        return None
-    import json
-
-    cache_dir = os.path.expanduser(config.data.cache_dir)
-    meta_path = os.path.join(cache_dir, "metadata.json")
-    stats_path = os.path.join(cache_dir, "factor_stats.json")
-    if not (os.path.exists(meta_path) and os.path.exists(stats_path)):
-        return None
-    with open(meta_path) as f:
-        measured = json.load(f).get("factor_stats", {}).get("factorizer", {})
-    wanted = {k: config.factorizer[k] for k in ("mode", "factor", "levels", "upsample")}
-    wanted["scaling_factor"] = float(config.vae.scaling_factor)
-    if any(measured.get(k) != v for k, v in wanted.items()):
-        return None
-    logging.info("Using the latent cache's factorizer statistics %s", stats_path)
-    return FactorStats.load(stats_path)
-
-
 class _SigtermFlag:
     """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
 
@@ -235,7 +165,7 @@ def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
     progress.enabled = progress.enabled and jax.process_index() == 0
     mesh = sharding.create_mesh(config.mesh)
     progress.phase("loading factorizer statistics")
-    stats = load_or_measure_stats(config, workdir)
+    stats = resolve_stats(config, workdir)
     progress.phase("building the model")
     trainer = Trainer(config, mesh, stats)
     tc = config.train

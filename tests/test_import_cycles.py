@@ -21,7 +21,7 @@ LAYERS = (
     ("jobs", ("train", "sample", "evaluate", "extract", "stage_eval", "sweep", "sweep_sampler", "frontier",
               "train_report")),
     ("pipeline", ("pipeline",)),
-    ("stages", ("stages",)),
+    ("stages", ("stages", "stats")),  # stats: the factorizer statistics of a run (train, sample)
     ("converters", ("convert",)),  # PyTorch -> Flax at the boundary: above the models they fill
     ("numerics", ("models", "diffusion", "factorize", "train_step")),
     ("infrastructure", ("data", "checkpoint", "sharding", "outputs", "paths", "progress", "figures", "axes", "compile_cache",

@@ -11,6 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from msf_jax import sharding, train
+from msf_jax import stats as stats_lib
 from msf_jax.factorize import Factorizer
 from msf_jax.progress import Progress
 from tests.tiny import tiny_config
@@ -30,7 +31,7 @@ def _fixed_batch(config, seed=0):
 def test_same_loss_on_every_mesh(stage):
     config = tiny_config(stage)
     batch = _fixed_batch(config)
-    stats = train.measure_stats(config, Factorizer.from_config(config.factorizer), 2)
+    stats = stats_lib.measure_stats(config, Factorizer.from_config(config.factorizer), 2)
     losses = {}
     for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 8, 1)]:
         config.mesh.shape = shape

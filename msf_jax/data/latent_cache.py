@@ -21,7 +21,7 @@ Moments are stored as the float32 the VAE produced, so they read back bit-exact.
 Reading: `create_train_iterator` yields dict(mean=float32 (B, h, w, c), logvar=float32 (B, h, w, c),
 label=int32 (B,)): per-host sharded, shuffled per epoch, infinite, checkpointable (grain iterator
 state), with the image or its flip chosen at random per example and per epoch (seeded, only when
-data.random_flip). Training samples z from the posterior at every step (`train.batch_to_z`), so
+data.random_flip). Training samples z from the posterior at every step (`stats.batch_to_z`), so
 neither augmentation nor VAE noise is frozen. `source_data_config` gives the data config of the
 dataset the cache was made from (recorded in metadata.json), for real eval images.
 """
