@@ -18,7 +18,8 @@ import ml_collections
 from configs import default
 
 
-def get_config():
+def get_config(variant: str = ""):
+    """The demo recipe; `--config=configs/demo.py:smoke` is a seconds-long smoke run of the same code."""
     config = default.get_config()
     config.space = "pixel"
     config.data.source = "synthetic"
@@ -56,4 +57,15 @@ def get_config():
         num_eval_samples=400,  # samples scored by SWD against as many real images
         grid_per_class=8,
     ))
+    if variant == "smoke":
+        config.data.image_size = 16
+        config.factorizer.stats_batches = 2
+        for stage in ("base", "residual"):
+            config[stage].model.depth, config[stage].model.hidden_size = 1, 32
+            config[stage].num_sampling_steps = 2
+        config.train.update(num_steps=2, batch_size=8, log_every=1, checkpoint_every=2)
+        config.demo.update(num_eval_samples=40, grid_per_class=2)
+        config.sample.batch_size = 40
+    elif variant:
+        raise ValueError(f"configs/demo.py: unknown variant {variant!r} (use '' or 'smoke')")
     return config
