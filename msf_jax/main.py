@@ -20,6 +20,9 @@ MODES = ("train", "sample", "evaluate", "extract_latents", "demo", "sweep")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.environ.get("MSF_JAX_COMPILATION_CACHE", "~/.cache/msf_jax/jax"),
+    "JAX persistent compilation cache directory, so a resumed run does not compile again ('' = off).")
 
 
 def _run_mode(mode: str, config, workdir: str) -> None:
@@ -80,6 +83,9 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or ("demo_out" if _MODE.value == "demo" else None)
     if not workdir:
         raise app.UsageError("--workdir is required")
+    from msf_jax import compile_cache
+
+    compile_cache.enable(_COMPILATION_CACHE.value)
     try:
         _run_mode(_MODE.value, config, workdir)
     except EXPECTED_ERRORS as e:

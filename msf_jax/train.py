@@ -22,7 +22,7 @@ from clu import metric_writers
 from flax import nnx
 
 from msf_jax import checkpoint as ckpt_lib
-from msf_jax import sharding, stages, train_report
+from msf_jax import sharding, stages, train_report, train_step
 from msf_jax.data import input_pipeline
 from msf_jax.diffusion import make_process
 from msf_jax.factorize import Factorizer, FactorStats
@@ -75,11 +75,7 @@ class Trainer:
                                   out_shardings=(self.state_shardings, sharding.replicated(mesh)))
 
     def _init_state(self) -> dict[str, Any]:
-        model = self._make_model()
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(self.config.seed)),
-                "params": params, "ema": jax.tree.map(jnp.copy, params), "opt": self.tx.init(params),
-                "rest": rest}
+        return train_step.init_state(self._make_model(), self.tx, self.config.seed)
 
     def init_state(self) -> dict[str, Any]:
         """A freshly initialized state, created directly in its sharded layout."""
@@ -93,23 +89,8 @@ class Trainer:
         labels = batch["label"]
         t = self.process.sample_timesteps(k_t, x0.shape[0])
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-
-        def loss_fn(params):
-            model = nnx.merge(self.graphdef, params, state["rest"])
-
-            def model_fn(x, tt, y, c=None, level=None):
-                return model(x, tt, y, cond=c, cond_level=level, label_drop_key=k_drop)
-
-            terms = self.process.training_losses(model_fn, x0, t, noise, labels, cond, cond_level)
-            return jnp.mean(terms["loss"]), {k: jnp.mean(v) for k, v in terms.items()}
-
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        decay = self.config.train.ema_decay
-        ema = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, state["ema"], params)
-        metrics = dict(terms, loss=loss, grad_norm=optax.global_norm(grads))
-        return dict(state, step=state["step"] + 1, params=params, ema=ema, opt=opt), metrics
+        return train_step.apply_update(self.graphdef, self.process, self.tx, self.config.train.ema_decay,
+                                       state, x0, labels, t, noise, cond, cond_level, k_drop)
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         keep = {k: v for k, v in local_batch.items() if k in ("image", "label", "mean", "logvar")}

@@ -10,6 +10,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # torch is a CPU reference here
+os.environ.setdefault("MSF_JAX_COMPILATION_CACHE", "")  # CLI runs in tests: no persistent compile cache
 
 # The PyTorch references must be imported before TensorFlow: diffusers pulls in torch._dynamo, which
 # imports triton, and triton segfaults when TensorFlow's LLVM is already loaded (seen with

@@ -45,7 +45,8 @@ def machine() -> dict[str, Any]:
     return dict(jax_version=jax.__version__, backend=jax.default_backend(), device_kind=dev.device_kind,
                 device_count=jax.device_count(), cpu_count=os.cpu_count(), platform=platform.platform(),
                 python=platform.python_version(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                peak_bf16_tflops=peak_tflops(dev.device_kind))
+                peak_bf16_tflops=peak_tflops(dev.device_kind),
+                load_average_1min=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
 
 
 def block(tree) -> None:

@@ -75,7 +75,7 @@ def read_rate(data_cfg, *, batch: int, batches: int, min_seconds: float = 3.0) -
 
 
 def bench_input(num_examples: int, image_size: int, step_images_per_s: float | None, workdir: str = "",
-                batch: int = 64) -> list[dict]:
+                batch: int = 64, min_seconds: float = 3.0) -> list[dict]:
     from configs import default  # ml_collections: CPU-side extra
 
     rows = []
@@ -89,7 +89,7 @@ def bench_input(num_examples: int, image_size: int, step_images_per_s: float | N
         batches = max(2, num_examples // batch)
         rows.append(dict(reader=f"image folder ({image_size} px JPEG decode + crop, "
                                 f"{d.num_workers} workers, {d.read_threads} threads)",
-                         examples_per_s=read_rate(d, batch=batch, batches=batches)))
+                         examples_per_s=read_rate(d, batch=batch, batches=batches, min_seconds=min_seconds)))
         start = time.perf_counter()
         try:
             from msf_jax.extract import extract_latents
@@ -100,7 +100,7 @@ def bench_input(num_examples: int, image_size: int, step_images_per_s: float | N
         d.source = "latent_cache"
         rows.append(dict(reader=f"latent cache ({image_size // 8}x{image_size // 8}x4 moments + flip, "
                                 f"{d.num_workers} workers)",
-                         examples_per_s=read_rate(d, batch=batch, batches=batches),
+                         examples_per_s=read_rate(d, batch=batch, batches=batches, min_seconds=min_seconds),
                          extract_images_per_s=num_examples / extract_s))
     for row in rows:
         row["step_images_per_s"] = step_images_per_s

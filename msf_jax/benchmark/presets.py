@@ -39,6 +39,7 @@ class Preset:
     memory_fsdp: int  # simulated devices of the FSDP rows
     input_examples: int  # examples written and read by the input section
     input_image_size: int
+    input_seconds: float = 3.0  # minimum reading time per reader
 
 
 def _tiny(spec: StepSpec, batch: int | None = None) -> StepSpec:
@@ -70,7 +71,8 @@ def get(name: str, *, tiny: bool = False) -> Preset:
         p = get("cpu", tiny=True)
         p.train_steps, p.train_rounds, p.sample_steps, p.sample_iters = 2, 2, (4, 4, 2), 1
         p.scan_steps, p.compile_steps, p.memory_fsdp = 4, (2, 20), 2
-        p.input_examples, p.input_image_size = 32, 32
+        p.input_examples, p.input_image_size, p.input_seconds = 16, 32, 0.3
+        p.memory_models = p.memory_models[:1]
         return p
     else:
         raise ValueError(f"unknown preset {name!r}: one of cpu, gpu, tiny")
