@@ -133,7 +133,7 @@ def _input(args, preset, train_rows):
     if isinstance(train_rows, list) and train_rows and "images_per_s" in train_rows[0]:
         consumption = max(r.get("images_per_s") or 0 for r in train_rows)
     rows = bench_input(preset.input_examples, preset.input_image_size, consumption, args.input_dir,
-                       min_seconds=preset.input_seconds)
+                       min_seconds=preset.input_seconds, workers=preset.input_workers)
     print_table("input readers vs train-step consumption", rows,
                 ["reader", "examples_per_s", "step_images_per_s", "headroom"])
     return rows

@@ -75,7 +75,7 @@ def read_rate(data_cfg, *, batch: int, batches: int, min_seconds: float = 3.0) -
 
 
 def bench_input(num_examples: int, image_size: int, step_images_per_s: float | None, workdir: str = "",
-                batch: int = 64, min_seconds: float = 3.0) -> list[dict]:
+                batch: int = 64, min_seconds: float = 3.0, workers: int = -1) -> list[dict]:
     from configs import default  # ml_collections: CPU-side extra
 
     rows = []
@@ -85,6 +85,8 @@ def bench_input(num_examples: int, image_size: int, step_images_per_s: float | N
         config = default.get_config()
         d = config.data
         d.source, d.folder, d.cache_dir, d.image_size, d.num_classes = "folder", folder, cache, image_size, 4
+        if workers >= 0:
+            d.num_workers = workers
         batch = min(batch, num_examples)
         batches = max(2, num_examples // batch)
         rows.append(dict(reader=f"image folder ({image_size} px JPEG decode + crop, "

@@ -40,6 +40,7 @@ class Preset:
     input_examples: int  # examples written and read by the input section
     input_image_size: int
     input_seconds: float = 3.0  # minimum reading time per reader
+    input_workers: int = -1  # grain worker processes (-1 = configs/default.py's data.num_workers)
 
 
 def _tiny(spec: StepSpec, batch: int | None = None) -> StepSpec:
@@ -71,7 +72,7 @@ def get(name: str, *, tiny: bool = False) -> Preset:
         p = get("cpu", tiny=True)
         p.train_steps, p.train_rounds, p.sample_steps, p.sample_iters = 2, 2, (4, 4, 2), 1
         p.scan_steps, p.compile_steps, p.memory_fsdp = 4, (2, 20), 2
-        p.input_examples, p.input_image_size, p.input_seconds = 16, 32, 0.3
+        p.input_examples, p.input_image_size, p.input_seconds, p.input_workers = 16, 32, 0.3, 0
         p.memory_models = p.memory_models[:1]
         return p
     else:
