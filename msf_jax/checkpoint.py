@@ -1,6 +1,9 @@
-"""Orbax checkpoints of a training run: train state, data-iterator state and the config.
+"""Orbax checkpoints of a training run: train state, data position and the config.
 
-One `CheckpointManager` under `workdir/checkpoints`. Saving is atomic (orbax writes to a temporary
+One `CheckpointManager` under `workdir/checkpoints` (local or gs://, handed to orbax unchanged).
+The data position is a small JSON ({examples_seen, global_batch_size, order}): the training data
+order is a pure function of (seed, global example position) (`msf_jax.data.order`), so there is no
+per-host iterator state and a checkpoint resumes on any number of hosts. Saving is atomic (orbax writes to a temporary
 directory and renames), so a run killed mid-save leaves the previous checkpoint intact. Restoring
 checks that the checkpoint was written for the same model before touching the arrays, so a
 mismatch is one line naming the differing settings rather than a shape error deep inside orbax.
@@ -9,11 +12,11 @@ mismatch is one line naming the differing settings rather than a shape error dee
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
-import grain
 import orbax.checkpoint as ocp
+
+from msf_jax import paths
 
 # Settings that must agree between a checkpoint and the run restoring it.
 _MODEL_KEYS = ("stage", "space", "data.image_size", "data.num_classes", "factorizer.mode",
@@ -53,12 +56,12 @@ class RunCheckpointer:
     """Saves and restores {state, data iterator, config} for one training run."""
 
     def __init__(self, workdir: str, *, max_to_keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.directory = paths.join(paths.abspath(workdir), "checkpoints")  # gs://… passes unchanged
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_names=("state", "data", "config"),
+            item_names=("state", "data_position", "config"),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
+                           "data_position": ocp.JsonCheckpointHandler(),
                            "config": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                  enable_async_checkpointing=async_save))
@@ -69,14 +72,22 @@ class RunCheckpointer:
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
-    def save(self, step: int, state: Any, data_iterator, config_dict: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, state: Any, data_position: dict, config_dict: dict, *, force: bool = False) -> bool:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
+            data_position=ocp.args.JsonSave(data_position),
             config=ocp.args.JsonSave(config_dict)), force=force)
 
-    def restore(self, abstract_state: Any, data_iterator, config_dict: dict, step: int | None = None):
-        """Restores state (into the abstract state's shardings) and, if given, the data iterator in place.
+    def data_position(self, step: int) -> dict | None:
+        """The saved data position of `step` (None for checkpoints written before it existed)."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                data_position=ocp.args.JsonRestore()))["data_position"]
+        except (FileNotFoundError, KeyError, ValueError):
+            return None
+
+    def restore(self, abstract_state: Any, config_dict: dict, step: int | None = None):
+        """Restores the state into the abstract state's shardings (any mesh, any number of hosts).
 
         Returns (step, state). Raises CheckpointMismatchError, naming the settings, for another model.
         """
@@ -89,8 +100,6 @@ class RunCheckpointer:
             raise CheckpointMismatchError(
                 f"checkpoint {self.directory}/{step} was written for a different model ({details})")
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
@@ -101,7 +110,7 @@ class RunCheckpointer:
 
     def restore_state(self, abstract_state: Any, config_dict: dict, step: int | None = None) -> Any:
         """The train state alone (for sampling and evaluation)."""
-        return self.restore(abstract_state, None, config_dict, step)[1]
+        return self.restore(abstract_state, config_dict, step)[1]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -8,15 +8,13 @@ class-conditional grid with the two-stage sampler, and score it with the sliced 
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from msf_jax import outputs
+from msf_jax import outputs, paths
 from msf_jax.data import input_pipeline
 from msf_jax.factorize import Factorizer
 from msf_jax.stats import RUN_STATS_FILE, resolve_stats
@@ -47,9 +45,9 @@ def run_demo(config, workdir: str) -> dict:
 
     t_start = time.perf_counter()
     logging.set_verbosity(logging.WARNING)  # the demo reports its own progress lines
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     _say(f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s); writing to {workdir}")
-    stats_path = os.path.join(workdir, RUN_STATS_FILE)
+    stats_path = paths.join(workdir, RUN_STATS_FILE)
     stats = resolve_stats(stage_config(config, "base", ""), workdir)
     _say(f"factorizer statistics in {stats_path}")
 
@@ -59,7 +57,7 @@ def run_demo(config, workdir: str) -> dict:
         t0 = time.perf_counter()
         _say(f"training the {stage} stage: {cfg.train.num_steps} steps, batch {cfg.train.batch_size}, "
              f"model {cfg[stage].model.name} depth {cfg[stage].model.depth} width {cfg[stage].model.hidden_size}")
-        summary = train.train_and_evaluate(cfg, os.path.join(workdir, stage))  # shows its progress line
+        summary = train.train_and_evaluate(cfg, paths.join(workdir, stage))  # shows its progress line
         models[stage] = summary["trainer"].ema_model(summary["state"])
         _say(f"{stage} stage done in {time.perf_counter() - t0:.0f}s")
 
@@ -90,15 +88,14 @@ def run_demo(config, workdir: str) -> dict:
         r = real_b[real["label"][n_eval:] == c][:per_class]
         rows.append(np.concatenate([s, np.full((1,) + s.shape[1:], 255, np.uint8), r]))
     grid = outputs.image_grid(np.concatenate(rows), nrow=2 * per_class + 1)
-    grid_path = outputs.save_png(os.path.join(workdir, "demo_grid.png"), grid,
+    grid_path = outputs.save_png(paths.join(workdir, "demo_grid.png"), grid,
                                  upscale=max(1, 96 // samples.shape[1]))
     components_path = write_components_figure(config, models, factorizer,
                                               os.path.join(workdir, "demo_components.png"))
     _say(f"wrote {components_path} (base, up(base), residual, final for one sample per class)")
     metrics = {"swd": swd, "num_eval_samples": n_eval, "wall_time_s": time.perf_counter() - t_start,
                "grid": grid_path, "components": components_path}
-    with open(os.path.join(workdir, "demo_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    paths.write_committed_json(paths.join(workdir, "demo_metrics.json"), metrics, indent=2)
     _say(f"wrote {grid_path} (left: samples, right: real; one row per class)")
     _say("sliced Wasserstein distance to real images (lower is better): "
          + ", ".join(f"{k} {v:.4f}" for k, v in swd.items()))

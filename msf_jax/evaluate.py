@@ -19,6 +19,7 @@ import numpy as np
 from scipy import linalg
 
 from msf_jax.progress import Progress
+from msf_jax import distributed, paths
 
 
 class EvaluationError(ValueError):
@@ -30,19 +31,16 @@ class EvaluationError(ValueError):
 
 def load_npz_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Reads an ADM-style npz: `arr_0` (N,H,W,3) uint8 images and optional `arr_1` (N,) labels."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise EvaluationError(f"{path}: no such file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as e:  # pylint: disable=broad-except
-        raise EvaluationError(f"{path}: not a readable npz file ({type(e).__name__})") from None
-    if not isinstance(data, np.lib.npyio.NpzFile):
-        raise EvaluationError(f"{path}: a .npy array, expected an .npz with arr_0")
-    with data:
-        if "arr_0" not in data.files:
-            raise EvaluationError(f"{path}: no arr_0 images in this npz (keys: {', '.join(data.files)})")
-        images = data["arr_0"]
-        labels = data["arr_1"] if "arr_1" in data.files else None
+    with paths.open(path, "rb") as fp:
+        try:
+            data = np.load(fp, allow_pickle=False)
+        except Exception as e:  # pylint: disable=broad-except
+            raise EvaluationError(f"{path}: not a readable npz file ({type(e).__name__})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise EvaluationError(f"{path}: a .npy array, expected an .npz with arr_0")
+        images, labels = _npz_images(path, data)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise EvaluationError(f"{path}: arr_0 has shape {images.shape}, expected (N, H, W, 3)")
     if images.dtype != np.uint8:
@@ -52,11 +50,18 @@ def load_npz_images(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return images, labels
 
 
+def _npz_images(path: str, data) -> tuple[np.ndarray, np.ndarray | None]:
+    with data:
+        if "arr_0" not in data.files:
+            raise EvaluationError(f"{path}: no arr_0 images in this npz (keys: {', '.join(data.files)})")
+        return data["arr_0"], (data["arr_1"] if "arr_1" in data.files else None)
+
+
 def _npz_keys(path: str) -> list[str]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise EvaluationError(f"{path}: no such file")
     try:
-        with zipfile.ZipFile(path) as z:
+        with paths.open(path, "rb") as fp, zipfile.ZipFile(fp) as z:
             return [n[:-4] for n in z.namelist() if n.endswith(".npy")]
     except zipfile.BadZipFile:
         raise EvaluationError(f"{path}: not an npz file") from None
@@ -118,8 +123,7 @@ class FeatureStats:
         arrays = self.arrays()
         if spatial is not None:
             arrays.update(spatial.arrays("_s"))
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "wb") as f:  # np.savez would append .npz to a name without it
+        with paths.committed(path) as tmp, open(tmp, "wb") as f:  # np.savez would append .npz to a bare name
             np.savez(f, **arrays)
 
     @classmethod
@@ -128,7 +132,7 @@ class FeatureStats:
         keys = _npz_keys(path)
         if f"mu{suffix}" not in keys or f"sigma{suffix}" not in keys:
             raise EvaluationError(f"{path}: no mu{suffix}/sigma{suffix} statistics (keys: {', '.join(keys)})")
-        with np.load(path, allow_pickle=False) as d:
+        with paths.open(path, "rb") as fp, np.load(fp, allow_pickle=False) as d:
             n = int(d[f"n{suffix}"]) if f"n{suffix}" in d.files else 0
             return cls(d[f"mu{suffix}"].astype(np.float64), d[f"sigma{suffix}"].astype(np.float64), n)
 
@@ -442,16 +446,14 @@ def evaluate_from_config(config, workdir: str) -> dict[str, Any]:
     `config.eval.reference` "" means real images of the training data (`input_pipeline.create_eval_images`,
     `eval.num_samples` of them). Results are also written to `workdir/eval/results.json`.
     """
-    import glob
-    import json
-
+    distributed.initialize()  # a no-op when main.py already did it
     ec = config.eval
     samples_path = ec.samples
     if not samples_path:
-        found = sorted(glob.glob(os.path.join(workdir, "samples", "samples_*.npz")), key=os.path.getmtime)
+        found = sorted(paths.glob(paths.join(workdir, "samples", "samples_*.npz")), key=paths.mtime)
         if not found:
             raise EvaluationError(f"no samples: set --config.eval.samples or run --mode=sample first "
-                                  f"(nothing in {os.path.join(workdir, 'samples')})")
+                                  f"(nothing in {paths.join(workdir, 'samples')})")
         samples_path = found[-1]
     reference = ec.reference
     if not reference:
@@ -464,15 +466,15 @@ def evaluate_from_config(config, workdir: str) -> dict[str, Any]:
         from msf_jax import sharding
 
         mesh = sharding.create_mesh(config.mesh)
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
     results = evaluate_npz(samples_path, reference=reference, inception_weights=ec.inception_weights,
                            batch_size=int(ec.batch_size), metric=ec.metric,
                            precision_recall=bool(ec.precision_recall), mesh=mesh,
                            num_samples=int(ec.num_samples),
-                           stats_out=os.path.join(workdir, "eval", "sample_stats.npz") if ec.metric == "fid" else None)
+                           stats_out=(paths.join(workdir, "eval", "sample_stats.npz")
+                                      if ec.metric == "fid" and distributed.is_coordinator() else None))
     results = {"samples": samples_path, **results}
-    with open(os.path.join(workdir, "eval", "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    if distributed.is_coordinator():  # every host computes (the FID mesh is global); one writes
+        paths.write_committed_json(paths.join(workdir, "eval", "results.json"), results)
     return results
 
 

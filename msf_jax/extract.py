@@ -12,12 +12,12 @@ The cache format, file names and reader live in `msf_jax.data.latent_cache`; thi
     host the VAE runs data-parallel over its local devices (`make_encode_fn` on `sharding.local_mesh()`),
     data.cache_batch_size images at a time, each batch encoded together with its flips (2x images
     per call, padded to the device count).
-  * Resumable and atomic: a shard is written to `<name>.tmp` and `os.replace`d into place, after its
-    sidecar (record count, skip counts). A shard whose final file exists is skipped; a partial one
-    (a `.tmp` left by a killed run) is rewritten from scratch. Rerunning an interrupted extraction
-    gives byte-identical shards to an uninterrupted one (same devices, batch size). Files are
-    written with local-filesystem calls (os.replace): on multi-host runs cache_dir must be a
-    directory every host sees (NFS, GCS FUSE, ...), since host 0 reads every host's sidecars.
+  * Resumable and atomic (`msf_jax.paths.committed`): a shard is written to a local `.tmp` and renamed
+    (locally) or uploaded (gs://) into place, after its sidecar (record count, skip counts), then its
+    commit marker. A committed shard is skipped; a partial one is rewritten from scratch. Rerunning
+    an interrupted extraction gives byte-identical shards to an uninterrupted one (same devices,
+    batch size). cache_dir may be gs://… or a directory every host sees (NFS, ...), since host 0
+    reads every host's sidecars.
     `cache_spec.json` (written first) pins what the cache was made from (source, size, image_size,
     VAE, shard layout); resuming into a cache made with different settings is an error.
   * Images that cannot be decoded are skipped and counted by reason (`msf_jax.data.images`).
@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msf_jax import sharding
+from msf_jax import paths, sharding
 from msf_jax.data.images import SKIP_REASONS, SkipCounter, min_side_for
 from msf_jax.data.iterators import to_unit_range
 from msf_jax.data.latent_cache import (METADATA_FILE, RECORD_VERSION, SPEC_FILE, STATS_FILE, WRITER_OPTIONS,
@@ -65,11 +65,8 @@ _STATS_BATCH = 256  # cached examples per statistics batch (2x latents with the 
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp.{jax.process_index()}.{os.getpid()}"  # hosts may write the same file at once
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    data = (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+    paths.write_committed_bytes(path, data, unique=True)  # hosts may write the same file at once
 
 
 def _source_of(data_cfg) -> tuple[Any, dict[str, Any], int]:
@@ -106,8 +103,8 @@ def _load_vae(config):
 
 
 def _check_spec(cache_dir: str, spec: dict[str, Any]) -> None:
-    path = os.path.join(cache_dir, SPEC_FILE)
-    if os.path.exists(path):
+    path = paths.join(cache_dir, SPEC_FILE)
+    if paths.exists(path):
         old = read_json(path)
         diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
         if diff:
@@ -155,53 +152,52 @@ class _Encoder:
 
 def _write_shard(path: str, sidecar: str, source, indices: range, decode, encoder: _Encoder, pool,
                  batch_size: int, progress: Progress, run_skips: SkipCounter, window: int) -> dict[str, Any]:
-    """Encodes one shard into `<path>.tmp`, writes its sidecar, then renames the shard into place."""
+    """Encodes one shard into a local `.tmp`, writes its sidecar, then commits the shard (`paths.committed`)."""
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
-    tmp = path + ".tmp"
-    if os.path.exists(tmp):
-        os.remove(tmp)  # left by a killed run: rewrite the shard from scratch
-    writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
-    counter = SkipCounter()
-    num_records, max_label = 0, -1
-    in_flight = None  # (handle, labels, indices, examples consumed incl. skipped) of the batch on the devices
+    with paths.committed(path) as tmp:  # local file: renamed or uploaded, then marked, on success
+        if os.path.exists(tmp):
+            os.remove(tmp)  # left by a killed run: rewrite the shard from scratch
+        writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
+        counter = SkipCounter()
+        num_records, max_label = 0, -1
+        in_flight = None  # (handle, labels, indices, examples consumed incl. skipped) of the batch on the devices
 
-    def drain():
-        nonlocal num_records, max_label
-        handle, labels, idx, consumed = in_flight
-        mean, logvar = encoder.fetch(handle)
-        for k, (label, i) in enumerate(zip(labels, idx)):
-            writer.write(encode_record(mean[k], logvar[k], label, i))
-        num_records += len(labels)
-        max_label = max(max_label, *labels)
-        progress.update(consumed, extra=f"skipped {run_skips.total_skipped + counter.total_skipped}")
+        def drain():
+            nonlocal num_records, max_label
+            handle, labels, idx, consumed = in_flight
+            mean, logvar = encoder.fetch(handle)
+            for k, (label, i) in enumerate(zip(labels, idx)):
+                writer.write(encode_record(mean[k], logvar[k], label, i))
+            num_records += len(labels)
+            max_label = max(max_label, *labels)
+            progress.update(consumed, extra=f"skipped {run_skips.total_skipped + counter.total_skipped}")
 
-    try:
-        images, labels, idx, consumed = [], [], [], 0
-        for n, (i, (arr, label, reason)) in enumerate(_decoded(source, indices, decode, pool, window), 1):
-            counter.add(reason)
-            consumed += 1
-            if arr is not None:
-                images.append(arr)
-                labels.append(int(label))
-                idx.append(i)
-            if len(images) == batch_size or (n == len(indices) and images):
-                handle = encoder.dispatch(np.stack(images))  # async: decoding goes on while it runs
-                if in_flight is not None:
-                    drain()
-                in_flight = (handle, labels, idx, consumed)
-                images, labels, idx, consumed = [], [], [], 0
-        if in_flight is not None:
-            drain()
-        if consumed:  # trailing skipped examples
-            progress.update(consumed)
-    finally:
-        writer.close()
-    run_skips.add_counts(counter.counts)
-    info = {"file": os.path.basename(path), "start": indices.start, "stop": indices.stop,
-            "num_records": num_records, "max_label": max_label, "skipped": counter.skipped}
-    _write_json_atomic(sidecar, info)  # sidecar first: a final shard file always has one
-    os.replace(tmp, path)
+        try:
+            images, labels, idx, consumed = [], [], [], 0
+            for n, (i, (arr, label, reason)) in enumerate(_decoded(source, indices, decode, pool, window), 1):
+                counter.add(reason)
+                consumed += 1
+                if arr is not None:
+                    images.append(arr)
+                    labels.append(int(label))
+                    idx.append(i)
+                if len(images) == batch_size or (n == len(indices) and images):
+                    handle = encoder.dispatch(np.stack(images))  # async: decoding goes on while it runs
+                    if in_flight is not None:
+                        drain()
+                    in_flight = (handle, labels, idx, consumed)
+                    images, labels, idx, consumed = [], [], [], 0
+            if in_flight is not None:
+                drain()
+            if consumed:  # trailing skipped examples
+                progress.update(consumed)
+        finally:
+            writer.close()
+        run_skips.add_counts(counter.counts)
+        info = {"file": paths.basename(path), "start": indices.start, "stop": indices.stop,
+                "num_records": num_records, "max_label": max_label, "skipped": counter.skipped}
+        _write_json_atomic(sidecar, info)  # sidecar first: a committed shard always has one
     return info
 
 
@@ -212,7 +208,9 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
     `vae`: an AutoencoderKL to use instead of loading config.vae.weights. process_index /
     process_count default to JAX's (they exist to run one host's share by hand).
     """
-    sharding.maybe_initialize_distributed()
+    from msf_jax import distributed  # pylint: disable=g-import-not-at-top
+
+    distributed.initialize()  # a no-op when main.py already did it
     pi = jax.process_index() if process_index is None else int(process_index)
     pc = jax.process_count() if process_count is None else int(process_count)
     data_cfg = config.data
@@ -238,12 +236,12 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
             "vae": {"weights": os.path.abspath(os.path.expanduser(config.vae.weights)) if config.vae.weights else "",
                     "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items()},
                     "dtype": str(np.dtype(vae.dtype))}}
-    os.makedirs(cache_dir, exist_ok=True)
+    paths.makedirs(cache_dir)
     _check_spec(cache_dir, spec)
 
     mine = list(range(pi, num_shards, pc))
     shard_range = lambda s: range(s * shard_size, min((s + 1) * shard_size, n))  # noqa: E731
-    todo = [s for s in mine if not os.path.exists(os.path.join(cache_dir, shard_name(s, num_shards)))]
+    todo = [s for s in mine if not paths.is_committed(paths.join(cache_dir, shard_name(s, num_shards)))]
     done_examples = sum(len(shard_range(s)) for s in mine if s not in todo)
     logging.info("latent cache %s: %d shards of %d examples; host %d/%d has %d, %d left to write",
                  cache_dir, num_shards, shard_size, pi, pc, len(mine), len(todo))
@@ -257,8 +255,8 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
         t0 = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
             for s in todo:
-                _write_shard(os.path.join(cache_dir, shard_name(s, num_shards)),
-                             os.path.join(cache_dir, sidecar_name(s, num_shards)), source, shard_range(s),
+                _write_shard(paths.join(cache_dir, shard_name(s, num_shards)),
+                             paths.join(cache_dir, sidecar_name(s, num_shards)), source, shard_range(s),
                              decode, encoder, pool, batch_size, progress, run_skips,
                              window=max(2 * batch_size, 2 * threads))
         progress.close()
@@ -280,11 +278,12 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
 def _finalize(config, cache_dir: str, spec: dict[str, Any], ignored: int) -> dict[str, Any]:
     """Host 0: metadata.json from the shard sidecars, then the factorizer statistics."""
     num_shards = spec["num_shards"]
-    missing = [s for s in range(num_shards) if not os.path.exists(os.path.join(cache_dir, shard_name(s, num_shards)))]
+    missing = [s for s in range(num_shards)
+               if not paths.is_committed(paths.join(cache_dir, shard_name(s, num_shards)))]
     if missing:
         raise FileNotFoundError(f"latent cache {cache_dir!r}: {len(missing)} of {num_shards} shards are missing "
                                 f"(first: {shard_name(missing[0], num_shards)}); rerun --mode=extract_latents")
-    shards = [read_json(os.path.join(cache_dir, sidecar_name(s, num_shards))) for s in range(num_shards)]
+    shards = [read_json(paths.join(cache_dir, sidecar_name(s, num_shards))) for s in range(num_shards)]
     skipped = {r: sum(sh["skipped"][r] for sh in shards) for r in SKIP_REASONS[1:]}
     num_examples = sum(sh["num_records"] for sh in shards)
     if num_examples == 0:
@@ -292,28 +291,27 @@ def _finalize(config, cache_dir: str, spec: dict[str, Any], ignored: int) -> dic
     metadata = dict(spec, num_examples=num_examples, skipped=skipped, skipped_total=sum(skipped.values()),
                     ignored_files=ignored, max_label=max(sh["max_label"] for sh in shards),
                     shards=[{k: sh[k] for k in ("file", "start", "stop", "num_records")} for sh in shards])
-    old = read_json(os.path.join(cache_dir, METADATA_FILE)) if os.path.exists(
-        os.path.join(cache_dir, METADATA_FILE)) else {}
+    old = read_json(paths.join(cache_dir, METADATA_FILE)) if paths.exists(
+        paths.join(cache_dir, METADATA_FILE)) else {}
     fcfg = config.factorizer
     max_examples = int(config.data.cache_stats_examples)
     factorizer_desc = {"mode": fcfg.mode, "factor": int(fcfg.factor), "levels": int(fcfg.levels),
                        "upsample": fcfg.upsample, "scaling_factor": float(config.vae.scaling_factor),
                        "seed": int(config.seed),
                        "max_examples": max_examples}
-    stats_path = os.path.join(cache_dir, STATS_FILE)
+    stats_path = paths.join(cache_dir, STATS_FILE)
     previous = old.get("factor_stats", {})
-    if os.path.exists(stats_path) and previous.get("factorizer") == factorizer_desc and \
+    if paths.is_committed(stats_path) and previous.get("factorizer") == factorizer_desc and \
             old.get("num_examples") == num_examples:
         metadata["factor_stats"] = previous
     else:
         t0 = time.perf_counter()
         stats, num_latents = _cache_stats(config, cache_dir, metadata, factorizer_desc)
-        stats.save(stats_path + ".tmp")
-        os.replace(stats_path + ".tmp", stats_path)
+        stats.save(stats_path)  # committed
         metadata["factor_stats"] = {"file": STATS_FILE, "factorizer": factorizer_desc, "num_latents": num_latents}
         logging.info("latent cache: factorizer statistics over %d latents in %.1fs -> %s", num_latents,
                      time.perf_counter() - t0, stats_path)
-    _write_json_atomic(os.path.join(cache_dir, METADATA_FILE), metadata)
+    _write_json_atomic(paths.join(cache_dir, METADATA_FILE), metadata)
     logging.info("latent cache %s: %d examples, skipped %s, %d non-image files ignored", cache_dir, num_examples,
                  skipped, ignored)
     return metadata

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from msf_jax import paths
 
 MODES = ("laplacian", "haar")
 UPSAMPLES = ("nearest", "bilinear")
@@ -55,17 +55,16 @@ class FactorStats:
         object.__setattr__(self, "stds", stds)
 
     def save(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump({"means": [m.tolist() for m in self.means],
-                       "stds": [s.tolist() for s in self.stds]}, f)
+        """Writes the JSON file (local or gs://), then its commit marker (`paths.committed`)."""
+        paths.write_committed_json(path, {"means": [m.tolist() for m in self.means],
+                                          "stds": [s.tolist() for s in self.stds]}, indent=None)
 
     @classmethod
     def load(cls, path: str) -> "FactorStats":
-        if not os.path.exists(path):
+        if not paths.exists(path):
             raise FileNotFoundError(f"FactorStats.load: no statistics file at {path!r}")
         try:
-            with open(path) as f:
-                d = json.load(f)
+            d = paths.read_json(path)
             return cls(means=tuple(d["means"]), stds=tuple(d["stds"]))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"FactorStats.load: malformed statistics file {path!r}: {e}") from e

@@ -19,7 +19,12 @@ from ml_collections import config_flags
 MODES = ("train", "sample", "evaluate", "extract_latents", "demo", "sweep")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs (local or gs://).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process start without a cluster manager: host:port of process 0 "
+    "(else $JAX_COORDINATOR_ADDRESS; TPU pods, SLURM and Open MPI are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", os.environ.get("MSF_JAX_COMPILATION_CACHE", "~/.cache/msf_jax/jax"),
     "JAX persistent compilation cache directory, so a resumed run does not compile again ('' = off).")
@@ -87,6 +92,9 @@ def main(argv) -> None:
 
     compile_cache.enable(_COMPILATION_CACHE.value)
     try:
+        from msf_jax import distributed
+
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # every mode
         _run_mode(_MODE.value, config, workdir)
     except EXPECTED_ERRORS as e:
         if not is_expected_error(e) or os.environ.get("MSF_JAX_TRACEBACK"):
@@ -122,8 +130,27 @@ def run() -> None:
     app.run(main, flags_parser=_parse_flags)
 
 
+def _local_config_files(argv: list[str]) -> list[str]:
+    """`--config=gs://…/x.py`: config_flags imports a local file, so read a remote one to a local copy."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        value = arg[len("--config="):] if arg.startswith("--config=") else None
+        if value is None and arg == "--config" and i + 1 < len(out):
+            value, i = out[i + 1], i + 1
+        if value and "://" in value:
+            import tempfile
+
+            from msf_jax import paths
+
+            end = value.find(".py") + 3 if ".py" in value else len(value)  # keep a `:config_string` suffix
+            local = paths.copy_to_local(value[:end], tempfile.mkdtemp(prefix="msf_jax_config_")) + value[end:]
+            out[i] = f"--config={local}" if out[i].startswith("--config=") else local
+    return out
+
+
 def _parse_flags(argv):
     try:
+        argv = _local_config_files(argv)
         return flags.FLAGS(argv)
     except (flags.Error, KeyError, AttributeError, ValueError) as e:
         # A typo in --config.key=value or a bad flag: one line, not a traceback.

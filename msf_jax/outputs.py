@@ -1,21 +1,20 @@
 """Writing samples: PNG grids, TFRecord shards of tf.train.Example, and ADM-evaluator `.npz` files.
 
-Every writer is atomic (write to `name.tmp`, then rename), so a killed job never leaves a truncated
-file under a final name. The `.npz` is streamed shard by shard, so 50,000 images at 512 px do not
+Every writer goes through `paths.committed`: locally the file is written to `name.tmp` and renamed,
+on object stores (gs://) uploaded whole; either way a `name.committed` marker is written last, and
+resuming code trusts only committed files (`paths.is_committed`). The `.npz` is streamed shard by shard, so 50,000 images at 512 px do not
 need to fit in memory.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import zipfile
+
 import numpy as np
 from PIL import Image
 
-
-def atomic_path(path: str) -> str:
-    return path + ".tmp"
+from msf_jax import paths
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
@@ -35,10 +34,8 @@ def save_png(path: str, image: np.ndarray, upscale: int = 1) -> str:
     img = Image.fromarray(np.asarray(image, np.uint8))
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = atomic_path(path)
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with paths.committed(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 
@@ -56,16 +53,14 @@ def write_tfrecord_shard(path: str, images: np.ndarray, labels: np.ndarray, indi
     def int_feature(v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v)]))
 
-    tmp = atomic_path(path)
-    with tf.io.TFRecordWriter(tmp) as writer:
+    with paths.committed(path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
         for img, label, idx, seed in zip(images, labels, indices, seeds):
             example = tf.train.Example(features=tf.train.Features(feature={
                 "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encode_png(img)])),
                 "label": int_feature(label), "index": int_feature(idx), "seed": int_feature(seed),
                 "height": int_feature(img.shape[0]), "width": int_feature(img.shape[1]),
             }))
-            writer.write(example.SerializeToString())
-    os.replace(tmp, path)
+            writer.write(example.SerializeToString(deterministic=True))  # map order fixed across processes
     return path
 
 
@@ -82,10 +77,8 @@ def parse_tfrecord_example(serialized):
 
 def save_part(path: str, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> str:
     """A finished shard's arrays (`.npz`, uncompressed): the resume marker and the npz assembly input."""
-    tmp = atomic_path(path)
-    with open(tmp, "wb") as f:
+    with paths.committed(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, images=images, labels=labels, indices=indices)
-    os.replace(tmp, path)
     return path
 
 
@@ -97,14 +90,14 @@ def write_adm_npz(path: str, part_paths: list[str], shape: tuple[int, ...]) -> s
     part is in memory at a time.
     """
     labels, n = [], 0
-    tmp = atomic_path(path)
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with paths.committed(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED,
+                                                      allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
                     "shape": tuple(shape)})
             for part_path in part_paths:
-                with np.load(part_path) as part:
+                with paths.open(part_path, "rb") as fp, np.load(fp) as part:
                     images = part["images"]
                     if images.shape[1:] != tuple(shape[1:]):
                         raise ValueError(f"{part_path}: images {images.shape[1:]} differ from {shape[1:]}")
@@ -115,5 +108,4 @@ def write_adm_npz(path: str, part_paths: list[str], shape: tuple[int, ...]) -> s
             raise ValueError(f"npz: parts hold {n} images, expected {shape[0]}")
         with zf.open("arr_1.npy", "w", force_zip64=True) as f:
             np.lib.format.write_array(f, np.concatenate(labels))
-    os.replace(tmp, path)
     return path

@@ -12,8 +12,6 @@ exactly N samples, none twice, no truncated file. Outputs under `workdir/samples
 
 from __future__ import annotations
 
-import glob
-import os
 from typing import Any
 
 import jax
@@ -23,7 +21,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msf_jax import outputs, stages
+from msf_jax import distributed, outputs, paths, stages
 from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.pipeline import sample_dit, sample_msf
 from msf_jax.progress import Progress
@@ -212,19 +210,20 @@ def make_generator(config) -> Generator:
 # ----------------------------------------------------------------------------------------------
 def sample_to_files(config, workdir: str, generator: Generator | None = None) -> dict[str, Any]:
     """Writes config.sample.num_samples samples as configured; resumable. Returns what it wrote."""
+    distributed.initialize()  # a no-op when main.py already did it
     sc = config.sample
     wanted = {o.strip() for o in sc.outputs.split(",") if o.strip()}
     unknown = wanted - {"npz", "tfrecord", "grid"}
     if unknown:
         raise ValueError(f"sample.outputs: unknown output(s) {sorted(unknown)} (use npz, tfrecord, grid)")
-    out_dir = os.path.join(workdir, "samples")
-    parts_dir = os.path.join(out_dir, "parts")
-    os.makedirs(parts_dir, exist_ok=True)
+    out_dir = paths.join(workdir, "samples")
+    parts_dir = paths.join(out_dir, "parts")
+    paths.makedirs(parts_dir)
     n, shard = int(sc.num_samples), int(sc.shard_size)
     num_shards = -(-n // shard)
-    _check_run_spec(os.path.join(out_dir, "run_spec.json"), config)
+    _check_run_spec(paths.join(out_dir, "run_spec.json"), config)
     mine = [s for s in range(num_shards) if s % jax.process_count() == jax.process_index()]
-    todo = [s for s in mine if not os.path.exists(_part_path(parts_dir, s))]
+    todo = [s for s in mine if not paths.is_committed(_part_path(parts_dir, s))]
     done_count = sum(min(shard, n - s * shard) for s in mine if s not in todo)
     logging.info("Sampling %d images in %d shards (%d left on this host)", n, num_shards, len(todo))
     generator = generator or make_generator(config)
@@ -239,7 +238,7 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
             progress.update(len(images[-1]))
         images = np.concatenate(images)
         if "tfrecord" in wanted:
-            outputs.write_tfrecord_shard(os.path.join(out_dir, f"shard-{s:05d}-of-{num_shards:05d}.tfrecord"),
+            outputs.write_tfrecord_shard(paths.join(out_dir, f"shard-{s:05d}-of-{num_shards:05d}.tfrecord"),
                                          images, labels, indices, np.full(len(indices), config.seed))
         outputs.save_part(_part_path(parts_dir, s), images, labels, indices)  # last: marks the shard done
     progress.close()
@@ -250,20 +249,20 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
         multihost_utils.sync_global_devices("msf_jax_sampling_done")
     if jax.process_index() == 0:
         part_paths = [_part_path(parts_dir, s) for s in range(num_shards)]
-        with np.load(part_paths[0]) as first:
+        with paths.open(part_paths[0], "rb") as fp, np.load(fp) as first:
             h, w, c = first["images"].shape[1:]
         if "npz" in wanted:
-            path = os.path.join(out_dir, f"samples_{n}x{h}x{w}x{c}.npz")
-            if not os.path.exists(path):
+            path = paths.join(out_dir, f"samples_{n}x{h}x{w}x{c}.npz")
+            if not paths.is_committed(path):
                 outputs.write_adm_npz(path, part_paths, (n, h, w, c))
             written["npz"] = path
         if "grid" in wanted:
-            with np.load(part_paths[0]) as first:
+            with paths.open(part_paths[0], "rb") as fp, np.load(fp) as first:
                 grid_images = first["images"][:64]
-            written["grid"] = outputs.save_png(os.path.join(out_dir, "grid.png"),
+            written["grid"] = outputs.save_png(paths.join(out_dir, "grid.png"),
                                                outputs.image_grid(grid_images), upscale=max(1, 128 // h))
         if "tfrecord" in wanted:
-            written["tfrecords"] = sorted(glob.glob(os.path.join(out_dir, "shard-*.tfrecord")))
+            written["tfrecords"] = paths.glob(paths.join(out_dir, "shard-*.tfrecord"))
     return written
 
 
@@ -275,18 +274,15 @@ def _check_run_spec(path: str, config) -> None:
     full = json.loads(config.to_json())
     spec = {k: full.get(k) for k in keys}
     spec["sample"] = {k: v for k, v in full["sample"].items() if k not in ("batch_size", "outputs")}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if paths.exists(path):
+        old = paths.read_json(path)
         if old != spec:
             changed = sorted(k for k in spec if old.get(k) != spec[k])
-            raise ValueError(f"{os.path.dirname(path)} holds samples made with other settings ({', '.join(changed)}): "
+            raise ValueError(f"{paths.dirname(path)} holds samples made with other settings ({', '.join(changed)}): "
                              "use another workdir or delete it")
     elif jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(spec, f, indent=1)
-        os.replace(path + ".tmp", path)
+        paths.write_committed_json(path, spec)
 
 
 def _part_path(parts_dir: str, shard: int) -> str:
-    return os.path.join(parts_dir, f"part-{shard:05d}.npz")
+    return paths.join(parts_dir, f"part-{shard:05d}.npz")

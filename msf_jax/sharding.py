@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -20,28 +19,6 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msf_jax import axes
-
-
-def maybe_initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` when launched as one process of several.
-
-    Cloud TPU pods and SLURM/Open MPI GPU clusters are detected by JAX itself; the explicit
-    `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID` variables work everywhere.
-    """
-    explicit = "JAX_COORDINATOR_ADDRESS" in os.environ
-    cluster = any(v in os.environ for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-                                            "MEGASCALE_COORDINATOR_ADDRESS"))
-    if not (explicit or cluster) or jax.distributed.is_initialized():
-        return
-    if explicit:
-        jax.distributed.initialize(
-            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-            num_processes=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-            process_id=int(os.environ.get("JAX_PROCESS_ID", "0")))
-    else:
-        jax.distributed.initialize()
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
-                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

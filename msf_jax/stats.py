@@ -15,14 +15,12 @@ Returns None when config.factorizer.standardize is off.
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from msf_jax import paths
 from msf_jax.data import input_pipeline
 from msf_jax.data.latent_cache import METADATA_FILE, STATS_FILE
 from msf_jax.factorize import Factorizer, FactorStats, compute_stats
@@ -60,12 +58,11 @@ def latent_cache_stats(config) -> FactorStats | None:
     """The statistics `extract_latents` stored next to the cache, if measured for this factorizer."""
     if config.data.source != "latent_cache" or not config.data.cache_dir:
         return None
-    cache_dir = os.path.expanduser(config.data.cache_dir)
-    meta_path, stats_path = os.path.join(cache_dir, METADATA_FILE), os.path.join(cache_dir, STATS_FILE)
-    if not (os.path.exists(meta_path) and os.path.exists(stats_path)):
+    cache_dir = paths.abspath(config.data.cache_dir)
+    meta_path, stats_path = paths.join(cache_dir, METADATA_FILE), paths.join(cache_dir, STATS_FILE)
+    if not (paths.exists(meta_path) and paths.exists(stats_path)):
         return None
-    with open(meta_path) as f:
-        measured = json.load(f).get("factor_stats", {}).get("factorizer", {})
+    measured = paths.read_json(meta_path).get("factor_stats", {}).get("factorizer", {})
     wanted = {k: config.factorizer[k] for k in ("mode", "factor", "levels", "upsample")}
     wanted["scaling_factor"] = float(config.vae.scaling_factor)
     if any(measured.get(k) != v for k, v in wanted.items()):
@@ -84,11 +81,11 @@ def resolve_stats(config, workdir: str | None, *, measure: bool = True) -> Facto
     if not config.factorizer.standardize:
         return None
     if config.factorizer.stats_path:
-        if not os.path.exists(config.factorizer.stats_path):
+        if not paths.exists(config.factorizer.stats_path):
             raise FileNotFoundError(f"factorizer.stats_path {config.factorizer.stats_path} does not exist")
         return FactorStats.load(config.factorizer.stats_path)
-    path = os.path.join(workdir, RUN_STATS_FILE) if workdir else ""
-    if path and os.path.exists(path):
+    path = paths.join(workdir, RUN_STATS_FILE) if workdir else ""
+    if path and paths.is_committed(path):
         return FactorStats.load(path)
     if not measure:
         raise FileNotFoundError(f"factorizer statistics not found: set factorizer.stats_path"
@@ -100,7 +97,5 @@ def resolve_stats(config, workdir: str | None, *, measure: bool = True) -> Facto
         logging.info("Measuring factorizer statistics over %d batches", config.factorizer.stats_batches)
         stats = measure_stats(config, Factorizer.from_config(config.factorizer), config.factorizer.stats_batches)
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        stats.save(path + ".tmp")  # a resumed run uses exactly the statistics it started with
-        os.replace(path + ".tmp", path)
+        stats.save(path)  # committed (paths.py): a resumed run uses exactly the statistics it started with
     return stats

@@ -22,8 +22,9 @@ from clu import metric_writers
 from flax import nnx
 
 from msf_jax import checkpoint as ckpt_lib
-from msf_jax import sharding, stages, train_report, train_step
+from msf_jax import distributed, sharding, stages, train_report, train_step
 from msf_jax.data import input_pipeline
+from msf_jax.data.order import ORDER_VERSION
 from msf_jax.diffusion import make_process
 from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.models.dit import dit_flops_per_example
@@ -101,13 +102,21 @@ class Trainer:
 
 
 class _SigtermFlag:
-    """Turns SIGTERM (preemption) into a flag the loop checks after each step."""
+    """Turns SIGTERM (preemption) into a flag the loop checks after each step (one process only).
 
-    def __init__(self):
+    With several processes the handler is left to JAX's preemption notifier, which orbax's
+    `reached_preemption` consults so that every host stops at the same step: a Python handler here
+    would replace it and the notice would never reach the other hosts.
+    """
+
+    def __init__(self, enabled: bool = True):
         self.raised = False
         self._previous = None
+        self._enabled = enabled
 
     def __enter__(self):
+        if not self._enabled:
+            return self
         def handler(signum, frame):
             del signum, frame
             self.raised = True
@@ -142,7 +151,7 @@ def train_and_evaluate(config, workdir: str, *, progress: Progress | None = None
 
 
 def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
-    sharding.maybe_initialize_distributed()
+    distributed.initialize()  # a no-op when main.py (or the caller) already did it
     progress.enabled = progress.enabled and jax.process_index() == 0
     mesh = sharding.create_mesh(config.mesh)
     progress.phase("loading factorizer statistics")
@@ -152,21 +161,25 @@ def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
     tc = config.train
     if tc.batch_size % jax.process_count():
         raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {jax.process_count()} hosts")
-    progress.phase("opening the data")
-    data_it = input_pipeline.create_train_iterator(
-        config.data, global_batch_size=tc.batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count())
     checkpointer = ckpt_lib.RunCheckpointer(workdir, max_to_keep=tc.keep_checkpoints)
     config_dict = ckpt_lib.config_to_dict(config)
+    examples_seen = 0
     if checkpointer.latest_step() is not None:
         progress.phase("restoring the checkpoint")
-        step, state = checkpointer.restore(trainer.abstract_state, data_it, config_dict)
-        logging.info("Restored step %d from %s", step, checkpointer.directory)
+        step, state = checkpointer.restore(trainer.abstract_state, config_dict)
+        examples_seen = _examples_seen(checkpointer, step, tc.batch_size)
+        logging.info("Restored step %d from %s on %d host(s); the data order continues at global example %d "
+                     "(a function of the seed and the global position only, whatever the host count)",
+                     step, checkpointer.directory, jax.process_count(), examples_seen)
     else:
         progress.phase("initializing")
         state = trainer.init_state()
     step = int(state["step"])
     progress.start_at(step)
+    progress.phase("opening the data")
+    data_it = input_pipeline.create_train_iterator(
+        config.data, global_batch_size=tc.batch_size, seed=config.seed, start=examples_seen,
+        process_index=jax.process_index(), process_count=jax.process_count())
     if writer is None:
         writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if step == 0:
@@ -178,7 +191,7 @@ def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
     profiler = train_report.Profiler(config, workdir, step)
     t_log, step_log = time.perf_counter(), step
     progress.phase("compiling")
-    with _SigtermFlag() as sigterm:
+    with _SigtermFlag(enabled=jax.process_count() == 1) as sigterm:
         while step < tc.num_steps:
             batch = trainer.global_batch(next(data_it))
             state, step_metrics = trainer.train_step(state, batch)
@@ -219,7 +232,9 @@ def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
             progress.update(1)
             if save_now or stop_now:
                 progress.phase("saving a checkpoint")
-                checkpointer.save(step, state, data_it, config_dict, force=True)
+                position = {"examples_seen": examples_seen + (step - summary["start_step"]) * tc.batch_size,
+                            "global_batch_size": tc.batch_size, "order": ORDER_VERSION}
+                checkpointer.save(step, state, position, config_dict, force=True)
             if tc.sample_every and (step % tc.sample_every == 0 or is_last):  # all hosts: it is a collective
                 progress.phase("drawing a sample grid")
                 _write_sample_grid(config, trainer, state, workdir, step, writer)
@@ -237,6 +252,17 @@ def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
     summary.update(step=step, metrics=last_metrics, state=state, trainer=trainer,
                    data=input_pipeline.skip_stats(data_it))
     return summary
+
+
+def _examples_seen(checkpointer, step: int, batch_size: int) -> int:
+    """Global examples consumed up to `step` (older checkpoints without a data position: step * batch)."""
+    position = checkpointer.data_position(step)
+    if position is None:
+        return step * batch_size
+    if position.get("order") != ORDER_VERSION:
+        logging.warning("checkpoint data order %r differs from %r: the data stream restarts at its position",
+                        position.get("order"), ORDER_VERSION)
+    return int(position["examples_seen"])
 
 
 def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int, writer) -> None:

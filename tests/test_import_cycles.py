@@ -24,7 +24,7 @@ LAYERS = (
     ("stages", ("stages", "stats")),  # stats: the factorizer statistics of a run (train, sample)
     ("converters", ("convert",)),  # PyTorch -> Flax at the boundary: above the models they fill
     ("numerics", ("models", "diffusion", "factorize", "train_step")),
-    ("infrastructure", ("data", "checkpoint", "sharding", "outputs", "paths", "progress", "figures", "axes", "compile_cache",
+    ("infrastructure", ("data", "checkpoint", "sharding", "distributed", "outputs", "paths", "progress", "figures", "axes", "compile_cache",
                         "")),
 )
 JOBS = LAYERS[0][1] + LAYERS[1][1]

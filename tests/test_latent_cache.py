@@ -171,7 +171,7 @@ def test_round_trip_counts_and_reader(folder, vae, tmp_path, monkeypatch):
 
 
 def _shard_files(cache_dir):
-    return sorted(f for f in os.listdir(cache_dir) if f.startswith("latents-"))
+    return sorted(f for f in os.listdir(cache_dir) if f.startswith("latents-") and not f.endswith(".committed"))
 
 
 def test_resume_after_kill_is_byte_identical(folder, vae, tmp_path, monkeypatch):

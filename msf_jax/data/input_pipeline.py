@@ -1,26 +1,26 @@
 """grain input pipelines: tfds datasets, image folders, the latent cache and the synthetic demo set.
 
-`create_train_iterator` returns an infinite, epoch-reshuffled, per-host-sharded grain
-`DatasetIterator` of dict(image=float32 (B, H, W, 3) in [-1, 1], label=int32 (B,)) for the pixel
-sources, dict(mean, logvar, label) for the latent cache (`data.latent_cache`); B is the per-host
-batch. It is deterministic given (seed, process_index, process_count, data.num_workers) and its
-`get_state()` / `set_state()` (JSON-serializable; orbax via `grain.checkpoint`) resume exactly.
+`create_train_iterator` returns an infinite grain `DatasetIterator` of dict(image=float32 (B, H, W, 3)
+in [-1, 1], label=int32 (B,)) for the pixel sources, dict(mean, logvar, label) for the latent cache
+(`data.latent_cache`); B is the per-host batch.
 
-Pipeline, per host (process_index of process_count reads the disjoint shard source[p::P]):
+The order is global (`data.order`): global batch s holds global positions [s*G, (s+1)*G) of a seeded
+permutation per epoch (G the global batch), host p of P takes its contiguous slice, and every
+per-example random choice (flip) is seeded by (seed, position). So batches do not depend on the
+number of hosts, threads or worker processes, and a run resumed from a checkpoint restarts the
+pipeline at `start` = the examples it consumed, on any number of hosts.
 
-    source -> shard -> shuffle (per epoch) -> repeat -> random_map(decode, ADM center crop, flip)
-      -> to_iter_dataset (threads) [-> mp_prefetch (data.num_workers processes)]
-      -> batch valid examples, count skips    (in the workers)
+Pipeline, per host:
+
+    global order -> this host's positions of batch s -> read + decode (ADM center crop, flip) each
+      -> replace skipped examples by kept ones of the batch, count skips    (grain threads / workers)
       -> accumulate skip counts, uint8 -> [-1, 1]    (main process: `TrainIterator`)
 
-Skipped examples (corrupt, truncated, too small: see `msf_jax.data.images`) are dropped before
-batching, so every batch is full. Their counts travel inside each batch and are summed in the main
-process (`data.iterators`), so they are exact also with worker processes, and are part of the
-iterator state (restored with a checkpoint). Read them with `iterator.skip_counter` (a
-`SkipCounter`: `.skipped` {reason: n}, `.as_dict()` for metric writers) or `skip_stats(iterator)`.
-
-Note: with worker processes grain assigns examples to workers round-robin, so batches depend on
-data.num_workers (not on the thread count); restore a checkpoint with the same num_workers.
+Skipped examples (corrupt, truncated, too small: see `msf_jax.data.images`) are replaced within their
+batch, so every batch is full and still a function of its positions. Their counts travel inside each
+batch and are summed in the main process (`data.iterators`), exact also with worker processes. Read
+them with `iterator.skip_counter` (a `SkipCounter`: `.skipped` {reason: n}, `.as_dict()` for metric
+writers) or `skip_stats(iterator)`.
 
 config.data fields read here: source, image_size, num_classes, random_flip, num_workers,
 read_threads, min_image_side (0 = image_size // 4; smaller images are skipped), train_split,
@@ -41,8 +41,8 @@ import numpy as np
 
 from msf_jax.data import latent_cache
 from msf_jax.data.images import SKIP_REASONS, SkipCounter, center_crop_arr, load_image_rgb, min_side_for
-from msf_jax.data.iterators import (TrainIterator, build_iterator, derive_seed, finish, normalize_images,
-                                    shard_shuffle_repeat, skip_stats, to_unit_range)
+from msf_jax.data import order
+from msf_jax.data.iterators import TrainIterator, build_iterator, finish, normalize_images, skip_stats, to_unit_range
 from msf_jax.data.sources import decode_example, eval_from_source, folder_source, tfds_records
 from msf_jax.data.synthetic import synthetic_images
 
@@ -53,10 +53,12 @@ __all__ = ["create_train_iterator", "create_eval_images", "synthetic_images", "c
 SYNTHETIC_EVAL_BASE = 1 << 40  # create_eval_images uses synthetic indices above 2^40 (training: below)
 
 
-def _synthetic_batch(indices: np.ndarray, rng: np.random.Generator, *, num_classes: int, image_size: int,
+def _synthetic_batch(element: dict[str, np.ndarray], *, seed: int, num_classes: int, image_size: int,
                      data_seed: int, random_flip: bool) -> dict[str, np.ndarray]:
-    images, labels = synthetic_images(indices, num_classes=num_classes, image_size=image_size, seed=data_seed)
-    flips = rng.random(len(labels)) < 0.5
+    """Generated images of the batch's indices; each flip from its global position's stream."""
+    images, labels = synthetic_images(element["index"], num_classes=num_classes, image_size=image_size,
+                                      seed=data_seed)
+    flips = order.flips(seed, element["position"])
     if random_flip:
         images[flips] = images[flips, :, ::-1]
     counts = np.zeros(len(SKIP_REASONS), np.int64)
@@ -64,19 +66,17 @@ def _synthetic_batch(indices: np.ndarray, rng: np.random.Generator, *, num_class
     return {"image": images, "label": labels, "skip_counts": counts}
 
 
-def _train_synthetic(data_cfg, *, batch_size, seed, process_index, process_count) -> TrainIterator:
-    ds = shard_shuffle_repeat(grain.MapDataset.range(int(data_cfg.synthetic_size)), seed=seed,
-                              process_index=process_index, process_count=process_count)
-    ds = ds.batch(batch_size, batch_fn=np.asarray)  # batches of indices; images generated per batch
-    ds = ds.random_map(functools.partial(
-        _synthetic_batch, num_classes=data_cfg.num_classes, image_size=data_cfg.image_size,
-        data_seed=int(data_cfg.synthetic_seed), random_flip=bool(data_cfg.random_flip)),
-        seed=derive_seed(seed, process_index, 2))
+def _train_synthetic(data_cfg, *, batch_size, seed, process_index, process_count, start=0) -> TrainIterator:
+    ds = order.HostBatches(int(data_cfg.synthetic_size), seed=seed, global_batch_size=batch_size * process_count,
+                           process_index=process_index, process_count=process_count, start=start)
+    ds = ds.map(functools.partial(  # images generated per batch of indices
+        _synthetic_batch, seed=seed, num_classes=data_cfg.num_classes, image_size=data_cfg.image_size,
+        data_seed=int(data_cfg.synthetic_seed), random_flip=bool(data_cfg.random_flip)))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
     return finish(ds, int(data_cfg.num_workers), normalize_images, 0)
 
 
-def _train_images(data_cfg, *, batch_size, seed, process_index, process_count) -> TrainIterator:
+def _train_images(data_cfg, *, batch_size, seed, process_index, process_count, start=0) -> TrainIterator:
     if data_cfg.source == "folder":
         source, ignored = folder_source(data_cfg)
     else:
@@ -86,7 +86,7 @@ def _train_images(data_cfg, *, batch_size, seed, process_index, process_count) -
                                    random_flip=bool(data_cfg.random_flip))
     return build_iterator(source, example_fn, batch_size=batch_size, seed=seed, process_index=process_index,
                           process_count=process_count, num_workers=int(data_cfg.num_workers),
-                          read_threads=int(data_cfg.read_threads), ignored_files=ignored)
+                          read_threads=int(data_cfg.read_threads), ignored_files=ignored, start=start)
 
 
 def _eval_synthetic(data_cfg, *, num_images: int, seed: int) -> dict[str, np.ndarray]:
@@ -138,10 +138,11 @@ def _source_fns(data_cfg) -> tuple[Callable[..., Any], Callable[..., Any]]:
 
 
 def create_train_iterator(data_cfg, *, global_batch_size: int, seed: int, process_index: int | None = None,
-                          process_count: int | None = None):
+                          process_count: int | None = None, start: int = 0):
     """Infinite per-host iterator of dict(image=float32 (B, H, W, 3) in [-1, 1], label=int32 (B,)).
 
-    B = global_batch_size // process_count. process_index / process_count default to JAX's.
+    B = global_batch_size // process_count. process_index / process_count default to JAX's. Batch s is
+    this host's slice of global batch s of the global order (`data.order`) after `start` examples.
     The result has get_state() / set_state() and `.skip_counter` (see the module docstring).
     """
     if process_index is None or process_count is None:
@@ -155,7 +156,7 @@ def create_train_iterator(data_cfg, *, global_batch_size: int, seed: int, proces
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
     train_fn, _ = _source_fns(data_cfg)
     return train_fn(data_cfg, batch_size=global_batch_size // process_count, seed=seed,
-                    process_index=process_index, process_count=process_count)
+                    process_index=process_index, process_count=process_count, start=int(start))
 
 
 def create_eval_images(data_cfg, *, num_images: int, seed: int) -> dict[str, np.ndarray]:

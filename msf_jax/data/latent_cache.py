@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
-import os
 import struct
 from typing import Any
 
 import grain
 import numpy as np
 
+from msf_jax import paths
 from msf_jax.data.iterators import build_iterator
 
 __all__ = ["encode_record", "decode_record", "cache_dir_for", "load_metadata", "shard_name", "sidecar_name",
@@ -85,10 +84,10 @@ def decode_record(data: bytes) -> dict[str, Any]:
 def cache_dir_for(config, workdir: str | None = None) -> str:
     """config.data.cache_dir, else `<workdir>/latents`."""
     if config.data.cache_dir:
-        return os.path.expanduser(config.data.cache_dir)
+        return paths.abspath(config.data.cache_dir)
     if not workdir:
         raise ValueError("the latent cache needs config.data.cache_dir (or a workdir)")
-    return os.path.join(workdir, "latents")
+    return paths.join(workdir, "latents")
 
 
 def shard_name(shard: int, num_shards: int) -> str:
@@ -100,21 +99,20 @@ def sidecar_name(shard: int, num_shards: int) -> str:
 
 
 def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    return paths.read_json(path)
 
 
 def load_metadata(cache_dir: str) -> dict[str, Any]:
     """metadata.json of a finished cache, or a one-line error naming the directory."""
-    cache_dir = os.path.expanduser(cache_dir or "")
+    cache_dir = paths.abspath(cache_dir) if cache_dir else ""
     if not cache_dir:
         raise ValueError("config.data.source='latent_cache' needs config.data.cache_dir (the directory written "
                          "by --mode=extract_latents)")
-    if not os.path.isdir(cache_dir):
+    if not paths.isdir(cache_dir):
         raise FileNotFoundError(f"latent cache directory {cache_dir!r} does not exist: write it with "
                                 "--mode=extract_latents (config.data.cache_dir)")
-    path = os.path.join(cache_dir, METADATA_FILE)
-    if not os.path.exists(path):
+    path = paths.join(cache_dir, METADATA_FILE)
+    if not paths.is_committed(path):
         raise FileNotFoundError(f"latent cache {cache_dir!r} is empty or unfinished (no {METADATA_FILE}): "
                                 "run (or resume) --mode=extract_latents with this cache_dir")
     return read_json(path)
@@ -122,8 +120,8 @@ def load_metadata(cache_dir: str) -> dict[str, Any]:
 
 def cache_source(cache_dir: str, metadata: dict[str, Any]) -> grain.sources.ArrayRecordDataSource:
     """Random access to every record of the cache (shards in order), as bytes."""
-    paths = [os.path.join(cache_dir, sh["file"]) for sh in metadata["shards"] if sh["num_records"]]
-    return grain.sources.ArrayRecordDataSource(paths)
+    files = [paths.join(cache_dir, sh["file"]) for sh in metadata["shards"] if sh["num_records"]]
+    return grain.sources.ArrayRecordDataSource(files)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +141,7 @@ def _postprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def checked_metadata(data_cfg) -> tuple[str, dict[str, Any]]:
     """(cache_dir, metadata) of data_cfg's cache, checked against its image_size and num_classes."""
-    cache_dir = os.path.expanduser(data_cfg.cache_dir)
+    cache_dir = paths.abspath(data_cfg.cache_dir) if data_cfg.cache_dir else ""
     metadata = load_metadata(cache_dir)
     if int(metadata["image_size"]) != int(data_cfg.image_size):
         raise ValueError(f"latent cache {cache_dir!r} holds {metadata['image_size']} px images but "
@@ -154,14 +152,15 @@ def checked_metadata(data_cfg) -> tuple[str, dict[str, Any]]:
     return cache_dir, metadata
 
 
-def create_train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: int, process_count: int):
+def create_train_iterator(data_cfg, *, batch_size: int, seed: int, process_index: int, process_count: int,
+                          start: int = 0):
     """The `latent_cache` source's train_fn (`data.input_pipeline` calls it for source "latent_cache")."""
     cache_dir, metadata = checked_metadata(data_cfg)
     example_fn = functools.partial(_cache_example, random_flip=bool(data_cfg.random_flip))
     return build_iterator(
         cache_source(cache_dir, metadata), example_fn, batch_size=batch_size, seed=seed,
         process_index=process_index, process_count=process_count, num_workers=int(data_cfg.num_workers),
-        read_threads=int(data_cfg.read_threads), postprocess=_postprocess)
+        read_threads=int(data_cfg.read_threads), postprocess=_postprocess, start=start)
 
 
 def source_data_config(data_cfg):

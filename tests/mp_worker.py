@@ -1,0 +1,146 @@
+"""One process of a multi-process test run (tests/test_multiprocess.py starts 1 or 2 of these).
+
+    python tests/mp_worker.py SPEC_JSON
+
+SPEC: {process_id, num_processes, port, devices, out, jobs: [{kind: train|sample|extract, ...}]}.
+Each process joins through msf_jax.distributed (explicit coordinator on localhost, gloo CPU
+collectives), runs the jobs in order, and process 0 writes what the test compares under `out`.
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+spec = json.loads(sys.argv[1])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from absl import logging  # noqa: E402
+
+from msf_jax import distributed  # noqa: E402
+
+logging.set_verbosity(logging.INFO)  # the topology and resume lines the test reads
+
+PID, N = spec["process_id"], spec["num_processes"]
+if N > 1:
+    distributed.initialize(f"localhost:{spec['port']}", N, PID)
+else:
+    distributed.initialize()
+OUT = spec["out"]
+os.makedirs(OUT, exist_ok=True)
+
+
+def _save(name, tree):
+    """Process 0 writes a tree of (globally gathered) arrays as npz, keyed by path."""
+    from jax.experimental import multihost_utils
+
+    tree = multihost_utils.process_allgather(tree, tiled=True) if N > 1 else jax.device_get(tree)
+    flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+    if PID == 0:
+        np.savez(os.path.join(OUT, name + ".npz"), **flat)
+
+
+def train(job):
+    from msf_jax import train as train_lib
+    from tests.tiny import tiny_config
+
+    config = tiny_config("base", num_steps=job["steps"], checkpoint_every=job.get("checkpoint_every", 2))
+    config.train.keep_checkpoints = 10
+    losses = {}
+
+    def progress(step, num_steps, metrics):
+        losses[step] = metrics["loss"]
+        if step == job.get("sigterm_at") and PID == job.get("sigterm_process"):
+            os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice to this host only
+            time.sleep(3)  # let the notice reach the coordination service before the next step's check
+
+    summary = train_lib.train_and_evaluate(config, job["workdir"], progress=progress)
+    state = summary["state"]
+    _save(job["name"], {k: state[k] for k in ("step", "params", "ema", "opt")})
+    with open(os.path.join(OUT, f"{job['name']}.{PID}.json"), "w") as f:
+        json.dump({"start_step": summary["start_step"], "step": summary["step"],
+                   "preempted": summary["preempted"], "losses": losses}, f)
+
+
+def restore(job):
+    """The state a checkpoint restores to on this process layout (no training)."""
+    from msf_jax import checkpoint as ckpt_lib
+    from msf_jax import sharding
+    from msf_jax import train as train_lib
+    from tests.tiny import tiny_config
+
+    config = tiny_config("base", num_steps=job["steps"])
+    trainer = train_lib.Trainer(config, sharding.create_mesh(config.mesh),
+                                train_lib.load_or_measure_stats(config, job["workdir"]))
+    checkpointer = ckpt_lib.RunCheckpointer(job["workdir"])
+    _, state = checkpointer.restore(trainer.abstract_state, ckpt_lib.config_to_dict(config), job.get("step"))
+    checkpointer.close()
+    _save(job["name"], {k: state[k] for k in ("step", "params", "ema", "opt")})
+
+
+def sample(job):
+    from msf_jax import sample as sample_lib
+    from msf_jax import stages
+    from msf_jax.factorize import Factorizer
+    from tests.tiny import tiny_config
+
+    config = tiny_config()
+    config.sample.outputs = "npz,tfrecord"
+    factorizer = Factorizer.from_config(config.factorizer)
+    models = {}
+    for i, stage in enumerate(("base", "residual")):
+        model = stages.build_model(config, stage, stages.stage_spec(config, stage, factorizer), seed=i)
+        state = nnx.state(model, nnx.Param)
+        leaves, treedef = jax.tree.flatten(state)
+        keys = jax.random.split(jax.random.key(10 + i), len(leaves))
+        nnx.update(model, jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                                       for x, k in zip(leaves, keys)]))
+        models[stage] = model
+    generator = sample_lib.Generator(config, models, factorizer)
+    seen = []
+
+    def counting(indices, labels):
+        seen.extend(int(i) for i in indices)
+        return generator(indices, labels)
+
+    sample_lib.sample_to_files(config, job["workdir"], generator=counting)
+    with open(os.path.join(OUT, f"{job['name']}.indices.{PID}.json"), "w") as f:
+        json.dump(seen, f)
+
+
+def extract(job):
+    from msf_jax import extract as lc
+    from msf_jax.models import vae as vae_lib
+    from configs import default
+
+    abstract = nnx.eval_shape(lambda: vae_lib.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                                            norm_num_groups=4, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(0)
+
+    def init(path, x):
+        w = rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+        return jnp.asarray(w + 1.0 if "scale" in jax.tree_util.keystr(path) else w)
+
+    vae = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+    config = default.get_config()
+    d = config.data
+    d.source, d.folder, d.cache_dir = "folder", job["folder"], job["workdir"]
+    d.image_size, d.num_classes, d.num_workers, d.read_threads = 32, 3, 0, 2
+    with d.unlocked():
+        d.cache_shard_size, d.cache_batch_size = 3, 4
+    lc.extract_latents(config, None, vae=vae)
+
+
+for job in spec["jobs"]:
+    {"train": train, "restore": restore, "sample": sample, "extract": extract}[job["kind"]](job)
+distributed.barrier("mp_worker_done")
+print(f"process {PID}: done", flush=True)

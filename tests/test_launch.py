@@ -1,0 +1,157 @@
+"""Launchers against fake gcloud / sbatch / srun on PATH: what they would run, quoting, --dry-run."""
+
+import os
+import stat
+import subprocess
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRICKY = ["--mode=train", "--config=configs/msf_256.py", "--config.mesh.shape=(1,-1,1)",
+          "--workdir=gs://bucket/run $HOME `x` it's", '--config.data.cache_dir=a "b";c']
+RECORDER = """#!/usr/bin/env bash
+# Records one call: argv, NUL-separated, in $FAKE_LOG/NNN.NAME
+n=$(ls "$FAKE_LOG" | wc -l); f=$(printf '%s/%03d.%s' "$FAKE_LOG" "$n" "$(basename "$0")")
+printf '%s\\0' "$@" > "$f"
+"""
+
+
+def _fake(path, name, body=RECORDER):
+    os.makedirs(path, exist_ok=True)
+    p = os.path.join(path, name)
+    with open(p, "w") as f:
+        f.write(body)
+    os.chmod(p, os.stat(p).st_mode | stat.S_IEXEC)
+    return p
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    log.mkdir()
+    for name in ("gcloud", "sbatch", "srun", "sudo"):
+        _fake(bin_dir, name)
+    _fake(bin_dir, "curl", "#!/bin/sh\necho 3\n")  # the TPU metadata: worker number 3
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), HOME=str(tmp_path / "home"))
+    return env, log
+
+
+def _calls(log):
+    out = []
+    for name in sorted(os.listdir(log)):
+        with open(log / name, "rb") as f:
+            out.append((name.split(".", 1)[1], f.read().decode().split("\0")[:-1]))
+    return out
+
+
+def _run(args, env, **kw):
+    r = subprocess.run(["bash", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=60, **kw)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _command(argv):
+    return next(a.split("=", 1)[1] for a in argv if a.startswith("--command="))
+
+
+def _bash_n(script, tmp_path):
+    p = tmp_path / "remote.sh"
+    p.write_text(script)
+    assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, script
+
+
+def test_tpu_pod_run_on_4_workers(fakes, tmp_path):
+    env, log = fakes
+    _run(["launch/tpu_pod.sh", "--tpu", "v5p-32", "--zone", "us-east5-a", "--name", "base", "run", "--", *TRICKY], env)
+    calls = _calls(log)
+    assert [c[0] for c in calls] == ["gcloud"] * 3
+    scp, sync, start = (c[1] for c in calls)
+    assert scp[:5] == ["compute", "tpus", "tpu-vm", "scp", "--worker=all"] and scp[-1] == "v5p-32:msf_jax_code.tgz"
+    assert sync[:5] == ["compute", "tpus", "tpu-vm", "ssh", "v5p-32"] and "--worker=all" in sync
+    script = _command(start)
+    _bash_n(script, tmp_path)
+    assert "/tmp/libtpu_lockfile" in script and "setsid nohup" in script and "logs/base.worker$W.log" in script
+
+    # Run the worker script for real (fake sudo/curl, a fake python that records its argv): the flags
+    # arrive exactly as given, the job is detached, and the log is per worker.
+    venv = tmp_path / "home" / "msf_jax" / "venv" / "bin"
+    _fake(venv, "python", "#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > \"$HOME/argv\"\necho started\n")
+    (tmp_path / "home" / "msf_jax" / "code").mkdir(parents=True)
+    subprocess.run(["bash", "-c", script], env=env, check=True, timeout=60, capture_output=True)
+    for _ in range(100):
+        if (tmp_path / "home" / "argv").exists() and (tmp_path / "home/msf_jax/logs/base.worker3.log").exists():
+            break
+        time.sleep(0.1)
+    argv = (tmp_path / "home" / "argv").read_bytes().decode().split("\0")[:-1]
+    assert argv == ["-m", "msf_jax.main", *TRICKY]
+    assert (tmp_path / "home/msf_jax/run.pid").exists()
+
+
+def test_tpu_multislice_queued_resource(fakes, tmp_path):
+    env, log = fakes
+    _run(["launch/tpu_pod.sh", "--queued-resource", "qr1", "--num-slices", "2", "--zone", "z", "run", "--",
+          *TRICKY], env)
+    calls = [c[1] for c in _calls(log)]
+    assert calls[0][:4] == ["alpha", "compute", "tpus", "queued-resources"] and "--node=all" in calls[0]
+    start = calls[-1]
+    assert start[:5] == ["compute", "tpus", "queued-resources", "ssh", "qr1"]
+    assert "--worker=all" in start and "--node=all" in start
+    script = _command(start)
+    _bash_n(script, tmp_path)
+    assert "--config.mesh.num_slices=2" in script
+
+
+@pytest.mark.parametrize("command", ["setup", "status", "stop", "tail"])
+def test_tpu_other_commands_parse(fakes, tmp_path, command):
+    env, log = fakes
+    _run(["launch/tpu_pod.sh", "--tpu", "t", "--zone", "z", command], env)
+    for name, argv in _calls(log):
+        if "ssh" in argv:
+            _bash_n(_command(argv), tmp_path)
+    if command == "tail":
+        assert "--worker=0" in _calls(log)[-1][1]
+
+
+def test_tpu_dry_run_prints_and_runs_nothing(fakes):
+    env, log = fakes
+    out = _run(["launch/tpu_pod.sh", "--dry-run", "--queued-resource", "qr", "--num-slices", "2", "--zone", "z",
+                "run", "--", *TRICKY], env)
+    assert not os.listdir(log)
+    assert "queued-resources ssh qr --worker=all --node=all" in out and "--config.mesh.num_slices=2" in out
+    r = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t", "--zone", "z", "--num-slices", "2", "run"],
+                       env=env, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "queued-resource" in r.stderr
+
+
+def test_slurm_2_nodes_x_8_gpus(fakes, tmp_path):
+    env, log = fakes
+    # Login node: sbatch of this script, one task per node, every GPU of every node.
+    _run(["launch/gpu_slurm.sh", "--nodes", "2", "--gpus-per-node", "8", "--logs", str(tmp_path / "logs"),
+          "--", *TRICKY], env)
+    (name, sbatch), = _calls(log)
+    assert name == "sbatch"
+    for opt in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=TERM@120"):
+        assert opt in sbatch
+    script_at = sbatch.index(os.path.join(REPO, "launch", "gpu_slurm.sh"))
+    assert sbatch[script_at + 1:][-len(TRICKY) - 1:] == ["--", *TRICKY]
+
+    # The batch script: srun, one task per node.
+    batch_env = dict(env, SLURM_JOB_ID="77", SLURM_SUBMIT_DIR=REPO)
+    _run(sbatch[script_at:], batch_env)
+    name, srun = _calls(log)[-1]
+    assert name == "srun" and "--ntasks-per-node=1" in srun and srun[-len(TRICKY):] == TRICKY
+
+    # Each srun task (also when a user runs the script under srun): python -m msf_jax.main, flags intact.
+    py = _fake(tmp_path / "py", "python", "#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > \"$FAKE_LOG/999.python\"\n")
+    task_env = dict(batch_env, SLURM_STEP_ID="0", SLURM_PROCID="1", PYTHON=py)
+    _run(["launch/gpu_slurm.sh", "--", *TRICKY], task_env)
+    assert _calls(log)[-1] == ("python", ["-m", "msf_jax.main", *TRICKY])
+
+
+def test_slurm_dry_run(fakes):
+    env, log = fakes
+    out = _run(["launch/gpu_slurm.sh", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--", *TRICKY], env)
+    assert not os.listdir(log)
+    assert "sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=8" in out and "srun --ntasks-per-node=1" in out

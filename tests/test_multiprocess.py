@@ -1,0 +1,191 @@
+"""Multi-host for real: 2 processes x 4 CPU devices on localhost against 1 process x 8 devices.
+
+Each process is `tests/mp_worker.py`, joined through `msf_jax.distributed` (explicit local coordinator,
+gloo CPU collectives). Worker runs are shared between the assertions (a module fixture runs four
+sessions); every session has a timeout and its whole process group is killed when it fails, so a
+crashed peer cannot hang the suite.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SESSION_TIMEOUT_S = 600  # a hang guard: a healthy session takes well under a minute on an idle machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _start(num_processes: int, out: str, jobs: list[dict], devices: int | None = None):
+    port, procs = _free_port(), []
+    for pid in range(num_processes):
+        spec = dict(process_id=pid, num_processes=num_processes, port=port, devices=devices or 8 // num_processes,
+                    out=out, jobs=jobs)
+        log = open(f"{out}.process{pid}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "mp_worker.py"), json.dumps(spec)],
+                                      cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def _wait(groups):
+    """Waits for every process of every group; on failure or timeout kills them all and shows the logs."""
+    deadline = time.monotonic() + SESSION_TIMEOUT_S
+    procs = [p for _, ps in groups for p in ps]
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+        bad = [(out, i, p.returncode) for out, ps in groups for i, p in enumerate(ps) if p.returncode]
+        if bad:
+            raise AssertionError(f"worker(s) failed: {bad}\n" + _logs(groups))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"workers timed out after {SESSION_TIMEOUT_S}s\n" + _logs(groups)) from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+
+
+def _logs(groups) -> str:
+    text = []
+    for out, ps in groups:
+        for i in range(len(ps)):
+            with open(f"{out}.process{i}.log") as f:
+                lines = [l for l in f.read().splitlines() if "Gloo" not in l]
+            text.append(f"--- {out} process {i}:\n" + "\n".join(lines[-25:]))
+    return "\n".join(text)
+
+
+def _load(out, name):
+    with np.load(os.path.join(out, name + ".npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _json(out, name):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mp")
+    folder = root / "images"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (folder / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(folder / f"c{i % 2}" / f"{i}.png")
+    one, two = str(root / "one"), str(root / "two")
+    t0 = time.monotonic()
+    # Session 1 (1 x 8) and 2 (2 x 4): the same training; session 2 also samples, extracts latents and
+    # trains a run whose process 1 alone gets SIGTERM at step 1.
+    common = lambda out: [  # noqa: E731
+        {"kind": "sample", "name": "sample", "workdir": f"{out}/sample"},
+        {"kind": "extract", "name": "extract", "workdir": f"{out}/cache", "folder": str(folder)}]
+    s1 = _start(1, one, [{"kind": "train", "name": "train", "workdir": f"{one}/train", "steps": 4},
+                         {"kind": "restore", "name": "restored_at2", "workdir": f"{one}/train", "steps": 4, "step": 2}])
+    s2 = _start(2, two, [*common(two),  # sampling first: in a process that has not trained (as session 5)
+                         {"kind": "train", "name": "train", "workdir": f"{two}/train", "steps": 4},
+                         {"kind": "train", "name": "preempted", "workdir": f"{two}/preempted", "steps": 4,
+                          "checkpoint_every": 100, "sigterm_at": 1, "sigterm_process": 1}])
+    _wait([(one, s1), (two, s2)])
+    preemption_checkpoints = sorted(os.listdir(f"{two}/preempted/checkpoints"))
+    # Copies of checkpoints written by 2 processes (the preemption one, resumed by 1) and by 1 (step 2,
+    # resumed by 2).
+    shutil.copytree(f"{two}/preempted", f"{one}/from_two")
+    shutil.copytree(f"{one}/train", f"{two}/from_one")
+    shutil.rmtree(f"{two}/from_one/checkpoints/4")
+    s3 = _start(2, two + "_resume", [
+        {"kind": "train", "name": "resumed", "workdir": f"{two}/preempted", "steps": 4},
+        {"kind": "restore", "name": "from_one_at2", "workdir": f"{two}/from_one", "steps": 4, "step": 2},
+        {"kind": "train", "name": "from_one", "workdir": f"{two}/from_one", "steps": 4}])
+    s4 = _start(1, one + "_resume", [
+        {"kind": "restore", "name": "from_two_at_preemption", "workdir": f"{one}/from_two", "steps": 4},
+        {"kind": "train", "name": "from_two", "workdir": f"{one}/from_two", "steps": 4}])
+    # Session 5 (1 x 4): sampling and extraction in one process with the devices of one host of session 2,
+    # so every image and latent is computed by the same program (XLA CPU results may differ in the last
+    # bit between a 4- and an 8-device process); only the split of the work over processes differs.
+    s5 = _start(1, one + "_4dev", common(one), devices=4)
+    _wait([(two + "_resume", s3), (one + "_resume", s4), (one + "_4dev", s5)])
+    print(f"multi-process sessions took {time.monotonic() - t0:.0f}s")
+    return preemption_checkpoints, one, two
+
+
+def _assert_trees(a, b, exact):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def test_two_processes_train_like_one(runs):
+    _, one, two = runs
+    l1, l2 = _json(one, "train.0.json")["losses"], _json(two, "train.0.json")["losses"]
+    assert l1.keys() == l2.keys() == {"1", "2", "3", "4"}
+    np.testing.assert_allclose([l2[k] for k in sorted(l2)], [l1[k] for k in sorted(l1)], rtol=1e-5)
+    _assert_trees(_load(two, "train"), _load(one, "train"), exact=False)
+
+
+def test_sigterm_to_one_host_stops_both_at_one_checkpoint(runs):
+    preemption_checkpoints, one, two = runs
+    reports = [_json(two, f"preempted.{p}.json") for p in (0, 1)]
+    stop = reports[0]["step"]  # the sync point both hosts agreed on after process 1's notice at step 1
+    assert 1 < stop < 4 and [(r["step"], r["preempted"]) for r in reports] == [(stop, True), (stop, True)]
+    assert preemption_checkpoints == [str(stop)]  # exactly one checkpoint, at the agreed step
+    resumed = _json(two + "_resume", "resumed.0.json")
+    assert resumed["start_step"] == stop and resumed["step"] == 4
+    _assert_trees(_load(two + "_resume", "resumed"), _load(two, "train"), exact=True)  # bitwise
+
+
+def test_checkpoints_move_between_process_counts(runs):
+    _, one, two = runs
+    # Restoring is exact in both directions: params, EMA, optimizer state and step.
+    _assert_trees(_load(one + "_resume", "from_two_at_preemption"), _load(two, "preempted"), exact=True)
+    _assert_trees(_load(two + "_resume", "from_one_at2"), _load(one, "restored_at2"), exact=True)
+    # ... and training continues on the same data as the uninterrupted run of the other layout.
+    _assert_trees(_load(one + "_resume", "from_two"), _load(one, "train"), exact=False)
+    _assert_trees(_load(two + "_resume", "from_one"), _load(two, "train"), exact=False)
+    log = open(f"{one}_resume.process0.log").read()
+    stop = _json(two, "preempted.0.json")["step"]
+    assert f"continues at global example {8 * stop}" in log  # the data order continues from the global step
+
+
+def test_sampling_with_two_processes_is_byte_identical(runs):
+    _, one, two = runs
+    files = sorted(f for f in os.listdir(f"{one}/sample/samples") if f.endswith((".npz", ".tfrecord")))
+    assert any(f.endswith(".npz") for f in files) and any(f.endswith(".tfrecord") for f in files)
+    assert files == sorted(f for f in os.listdir(f"{two}/sample/samples") if f.endswith((".npz", ".tfrecord")))
+    for f in files:
+        with open(f"{one}/sample/samples/{f}", "rb") as a, open(f"{two}/sample/samples/{f}", "rb") as b:
+            assert a.read() == b.read(), f
+    assert len(_json(one + "_4dev", "sample.indices.0.json")) == 10
+    per_process = [_json(two, f"sample.indices.{p}.json") for p in (0, 1)]
+    assert per_process[0] and per_process[1]
+    assert sorted(per_process[0] + per_process[1]) == list(range(10))  # each index once
+
+
+def test_latent_extraction_with_two_processes_is_identical(runs):
+    _, one, two = runs
+    names = sorted(f for f in os.listdir(f"{one}/cache") if not f.endswith(".json") or "stats" in f)
+    assert any(f.endswith(".array_record") for f in names) and "factor_stats.json" in names
+    assert names == sorted(f for f in os.listdir(f"{two}/cache") if not f.endswith(".json") or "stats" in f)
+    for f in names:
+        with open(f"{one}/cache/{f}", "rb") as a, open(f"{two}/cache/{f}", "rb") as b:
+            assert a.read() == b.read(), f
