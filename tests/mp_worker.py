@@ -54,20 +54,22 @@ def train(job):
 
     config = tiny_config("base", num_steps=job["steps"], checkpoint_every=job.get("checkpoint_every", 2))
     config.train.keep_checkpoints = 10
-    losses = {}
+    from msf_jax.progress import Progress
 
-    def progress(step, num_steps, metrics):
-        losses[step] = metrics["loss"]
-        if step == job.get("sigterm_at") and PID == job.get("sigterm_process"):
-            os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice to this host only
-            time.sleep(3)  # let the notice reach the coordination service before the next step's check
+    class Preempt(Progress):  # the progress line hears of every step: the hook for the signal
+        def update(self, n=1, extra=None):
+            super().update(n, extra)
+            if self.count == job.get("sigterm_at") and PID == job.get("sigterm_process"):
+                os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice to this host only
+                time.sleep(3)  # let the notice reach the coordination service before the next check
 
+    progress = Preempt(job["steps"], "train base", enabled=False)
     summary = train_lib.train_and_evaluate(config, job["workdir"], progress=progress)
     state = summary["state"]
     _save(job["name"], {k: state[k] for k in ("step", "params", "ema", "opt")})
     with open(os.path.join(OUT, f"{job['name']}.{PID}.json"), "w") as f:
         json.dump({"start_step": summary["start_step"], "step": summary["step"],
-                   "preempted": summary["preempted"], "losses": losses}, f)
+                   "preempted": summary["preempted"], "loss": summary["metrics"].get("loss")}, f)
 
 
 def restore(job):
