@@ -32,6 +32,7 @@ def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "
         flow_logit_mean=0.0,
         flow_logit_std=1.0,
         sampler=sampler,  # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun"
+        heun_final_step="heun",  # heun: "heun" corrects the last interval too; "euler" ends with Euler
         num_sampling_steps=num_sampling_steps,
         ddim_eta=0.0,
         guidance_scale=guidance_scale,  # 1.0 disables classifier-free guidance
@@ -42,7 +43,8 @@ def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
-    # Which model this run trains: "base" | "residual" (MSF stages) | "dit" (single-stage baseline).
+    # Which model this run trains: "dit" (single-stage baseline) | "base" | "residual" (MSF stages) |
+    # "residual_<k>" (level k of a pyramid, factorizer.levels >= k; residual_1 == residual).
     config.stage = "base"
 
     config.data = ml_collections.ConfigDict(dict(
@@ -91,6 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
     ))
 
     config.base = stage_config("DiT-XL/2", num_sampling_steps=250, guidance_scale=1.5)
+    # Every residual level of a pyramid uses config.residual, unless a derived config file defines
+    # config.residual_<k> = stage_config(...) for level k >= 2 (msf_jax.stages).
     config.residual = stage_config("DiT-B/2", num_sampling_steps=50, guidance_scale=1.5)
     config.dit = stage_config("DiT-XL/2", num_sampling_steps=250, guidance_scale=1.5)
     # Noise-conditioning augmentation of the residual stage's conditioning base (cascaded diffusion):
@@ -141,7 +145,7 @@ def get_config() -> ml_collections.ConfigDict:
         outputs="npz,tfrecord,grid",
         shard_size=1000,  # samples per TFRecord shard
         base_checkpoint="",  # workdir or converted-weights file of the base stage
-        residual_checkpoint="",
+        residual_checkpoint="",  # a pyramid: one per level, comma-separated, coarse to fine
         dit_checkpoint="",
         use_ema=True,
     ))

@@ -42,14 +42,27 @@ def _get(config_dict: dict, dotted: str):
 
 def _model_signature(config_dict: dict) -> dict:
     stage = config_dict.get("stage")
+    if stage == "residual_1":
+        stage = "residual"
     sig = {k: _get(config_dict, k) for k in _MODEL_KEYS}
+    sig["stage"] = stage
     if stage:
-        for k, v in (_get(config_dict, f"{stage}.model") or {}).items():
+        # A pyramid level without its own `residual_<k>` section uses `residual` (msf_jax.stages).
+        section = stage if stage in config_dict or not stage.startswith("residual") else "residual"
+        for k, v in (_get(config_dict, f"{section}.model") or {}).items():
             if k not in _EXECUTION_KEYS:
-                sig[f"{stage}.model.{k}"] = v
+                sig[f"{section}.model.{k}"] = v
         for k in ("process", "num_train_timesteps"):  # the objective the weights were trained for
-            sig[f"{stage}.{k}"] = _get(config_dict, f"{stage}.{k}")
+            sig[f"{section}.{k}"] = _get(config_dict, f"{section}.{k}")
     return sig
+
+
+def _check_signature(directory: str, step: int, saved: dict, config_dict: dict) -> None:
+    mine, theirs = _model_signature(config_dict), _model_signature(saved)
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}" for k in diff)
+        raise CheckpointMismatchError(f"checkpoint {directory}/{step} was written for a different model ({details})")
 
 
 class RunCheckpointer:
@@ -93,12 +106,7 @@ class RunCheckpointer:
         """
         step = self.latest_step() if step is None else step
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        mine, theirs = _model_signature(config_dict), _model_signature(saved)
-        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-        if diff:
-            details = ", ".join(f"{k}: checkpoint {theirs.get(k)!r} vs config {mine.get(k)!r}" for k in diff)
-            raise CheckpointMismatchError(
-                f"checkpoint {self.directory}/{step} was written for a different model ({details})")
+        _check_signature(self.directory, step, saved, config_dict)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
@@ -118,6 +126,39 @@ class RunCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_state_items(workdir: str, abstract_items: dict[str, Any], config_dict: dict,
+                        step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Reads only some items of a run's train state, e.g. {"ema": ..., "rest": ...} for sampling.
+
+    An orbax partial restore: the arrays of the other items (params, optimizer moments) are not
+    read, so memory is about one copy of the parameters. `abstract_items` are ShapeDtypeStructs with
+    shardings (the restore target). Returns (step, items); checks the model signature first.
+    """
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {directory}")
+    manager = ocp.CheckpointManager(
+        directory, item_names=("state", "config"),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        _check_signature(directory, step, saved, config_dict)
+        args = ocp.args.PyTreeRestore(item=abstract_items, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_items))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointMismatchError(f"checkpoint {directory}/{step} does not fit this model: {first}") from None
+    finally:
+        manager.close()
+    return step, dict(restored)
 
 
 def config_to_dict(config) -> dict:

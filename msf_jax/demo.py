@@ -40,7 +40,7 @@ def stage_config(config, stage: str, stats_path: str):
 
 def run_demo(config, workdir: str) -> dict:
     """Runs the whole demo; returns the metrics it wrote."""
-    from msf_jax import evaluate, train
+    from msf_jax import evaluate, stages, train
     from msf_jax.sample import Generator
 
     t_start = time.perf_counter()
@@ -51,22 +51,23 @@ def run_demo(config, workdir: str) -> dict:
     stats = resolve_stats(stage_config(config, "base", ""), workdir)
     _say(f"factorizer statistics in {stats_path}")
 
-    models = {}
-    for stage in ("base", "residual"):
+    stage_list = stages.build_stages(config, Factorizer.from_config(config.factorizer, stats=stats))
+    models = []
+    for stage in (s.name for s in stage_list):  # base, residual (, residual_2, ... for a pyramid)
         cfg = stage_config(config, stage, stats_path)
+        model_cfg = cfg[stages.stage_config_key(cfg, stage)].model
         t0 = time.perf_counter()
         _say(f"training the {stage} stage: {cfg.train.num_steps} steps, batch {cfg.train.batch_size}, "
-             f"model {cfg[stage].model.name} depth {cfg[stage].model.depth} width {cfg[stage].model.hidden_size}")
+             f"model {model_cfg.name} depth {model_cfg.depth} width {model_cfg.hidden_size}")
         summary = train.train_and_evaluate(cfg, paths.join(workdir, stage))  # shows its progress line
-        models[stage] = summary["trainer"].ema_model(summary["state"])
+        models.append(summary["trainer"].ema_model(summary["state"]))
         _say(f"{stage} stage done in {time.perf_counter() - t0:.0f}s")
 
-    factorizer = Factorizer.from_config(config.factorizer, stats=stats)
-    generator = Generator(config, models, factorizer)
+    generator = Generator(config, stage_list, models)
     num_classes, per_class = config.data.num_classes, config.demo.grid_per_class
     t0 = time.perf_counter()
-    _say(f"sampling {config.demo.num_eval_samples} images with the two-stage sampler "
-         f"({config.base.num_sampling_steps} base + {config.residual.num_sampling_steps} residual steps)")
+    _say(f"sampling {config.demo.num_eval_samples} images with the {len(stage_list)}-stage sampler ("
+         + " + ".join(f"{s.config.num_sampling_steps} {s.name}" for s in stage_list) + " steps)")
     n_eval = config.demo.num_eval_samples
     indices = np.arange(n_eval)
     labels = (indices % num_classes).astype(np.int32)

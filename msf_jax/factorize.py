@@ -210,13 +210,32 @@ class Factorizer:
         mode, as is in haar mode (already at r_k's resolution). Shape (N, h_k, w_k, C). For k = 1 this
         is exactly up(standardized base) (laplacian) or the standardized base (haar).
         """
+        return self.condition_from_coarse(self.coarse(components_so_far))
+
+    def coarse(self, components_so_far) -> jax.Array:
+        """g_{L-k+1} (k = len(components_so_far)), standardized with the base statistics, at its own
+        resolution: `condition` before its upsampling (the image noise-conditioning noises)."""
         k = len(components_so_far)
         self._check_index(k)
         if k == 1:
-            g = jnp.asarray(components_so_far[0])  # standardized base as given
-        else:
-            g = self._standardize(self._reconstruct(components_so_far), 0)
+            return jnp.asarray(components_so_far[0])  # standardized base as given
+        return self._standardize(self._reconstruct(components_so_far), 0)
+
+    def condition_from_coarse(self, g) -> jax.Array:
+        """`coarse(...)` (N,h,w,C) -> the conditioning image at the next residual's resolution."""
         return _up(g, self.factor, self.upsample) if self.mode == "laplacian" else g
+
+    def upsampled(self, components_so_far) -> jax.Array:
+        """Unstandardized z (N,H,W,C) from [base, r_1..r_k] with the finer raw residuals set to zero:
+        the image the first k+1 components describe, at full resolution (for pictures)."""
+        if not 1 <= len(components_so_far) <= self.num_components:
+            raise ValueError(f"Factorizer.upsampled: need 1..{self.num_components} components, "
+                             f"got {len(components_so_far)}")
+        g = self._reconstruct(components_so_far)
+        for _ in range(self.num_components - len(components_so_far)):
+            g = (_haar_synth(g, jnp.zeros(g.shape[:-1] + (3 * g.shape[-1],), g.dtype)) if self.mode == "haar"
+                 else _up(g, self.factor, self.upsample))
+        return g
 
     def split(self, z) -> tuple[jax.Array, jax.Array]:
         """levels == 1 only: z -> (base, residual)."""

@@ -1,97 +1,123 @@
-"""Single-stage (DiT) and two-stage (MSF) sampling of latents from stage configs.
+"""Sampling = a loop over stages (single-stage DiT: 1, MSF: 2, an L-level pyramid: L+1), then decoding.
 
-    z = sample_dit(model_fn, cfg.dit, (32, 32, 4), labels, keys, num_classes)
-    z = sample_msf(base_fn, residual_fn, factorizer, cfg.base, cfg.residual, (32, 32, 4), labels, keys,
-                   num_classes, cond_level=cfg.residual_cond.sample_level * 1000)
+    stage_list = stages.build_stages(config)                 # [base, residual, ...]; or single_stage=True
+    keys = pipeline.sample_keys(config.seed, indices)        # (N,) per-sample keys
+    z = pipeline.sample(stage_list, [base_model, residual_model], labels, keys)
+    z, parts = pipeline.sample(..., return_components=True)  # parts: components and partial images
+    images = pipeline.make_decoder(config)(decoder.state, z)  # uint8
 
-Model functions have the signature `model_fn(x, t, y, cond, cond_level)` (msf_jax.diffusion). Per-sample
-keys: stage k of sample i uses `fold_in(key_i, k)` (k = 0 for the DiT and the base, k = 1.. for the
-residual levels), and the conditioning noise of level k (when cond_level > 0) `fold_in(key_i, 1000 + k)`;
-so sample i does not depend on the batch it is generated in. Both functions are pure and jit-friendly:
-close over the model functions, configs and factorizer and jit the rest.
+Pure and jit-friendly: close over the stages (and model graph definitions) and jit the rest; guidance
+scales and the conditioning level may be traced. Randomness: stage k of sample i uses
+fold_in(key_i, k), its conditioning noise fold_in(key_i, 1000 + k) (msf_jax.stages), so sample i does
+not depend on the batch it is generated in.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-from msf_jax.diffusion import make_process
-from msf_jax.diffusion.samplers import sample
-
-COND_NOISE_KEY_OFFSET = 1000
-
-
-def stage_keys(sample_keys, stage: int):
-    """Per-sample keys of one stage: fold_in(key_i, stage)."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, stage))(sample_keys)
+from msf_jax import stages as stages_lib
+from msf_jax.stages import Stage
 
 
-def sample_stage(model_fn, stage_cfg, shape_hwc, labels, sample_keys, num_classes: int, *, cond=None,
-                 cond_level=None, process=None):
-    """Runs one stage's sampler as configured by its `stage_config` (sampler, steps, guidance, eta)."""
-    process = make_process(stage_cfg) if process is None else process
-    return sample(process, model_fn, tuple(shape_hwc), labels, sample_keys,
-                  sampler=stage_cfg.sampler, num_steps=int(stage_cfg.num_sampling_steps),
-                  guidance_scale=float(stage_cfg.guidance_scale),
-                  guidance_channels=int(stage_cfg.guidance_channels), null_class=int(num_classes),
-                  cond=cond, cond_level=cond_level, eta=float(stage_cfg.ddim_eta))
+def sample_keys(seed: int, indices) -> jax.Array:
+    """(N,) typed keys of sample indices: fold_in(key(seed), index)."""
+    if not isinstance(indices, jax.Array):
+        indices = jax.device_put(np.asarray(indices, np.uint32))  # explicit: fine under a transfer guard
+    return _fold_keys(int(seed), indices)
 
 
-def sample_dit(model_fn, stage_cfg, latent_shape_hwc, labels, sample_keys, num_classes: int):
-    """Single-stage baseline: z (N, H, W, C) from one DiT."""
-    return sample_stage(model_fn, stage_cfg, latent_shape_hwc, labels, stage_keys(sample_keys, 0),
-                        num_classes)
+@functools.partial(jax.jit, static_argnums=0)
+def _fold_keys(seed: int, indices: jax.Array) -> jax.Array:
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
 
 
-def residual_condition(factorizer, components, cond_level, sample_keys, k: int = 1):
-    """The residual stage's conditioning input from the components so far, as in training: the base
-    is noised to `cond_level` (model units) with per-sample noise `fold_in(key_i, 1000 + k)` when the
-    level is not a static 0 or None, then `factorizer.condition`."""
-    so_far = components
-    if cond_level is not None and not (isinstance(cond_level, (int, float)) and cond_level == 0):
-        from msf_jax.stages import noise_condition  # noqa: PLC0415 (imports the models)
-        base = components[0]
-        noise = jax.vmap(lambda kk: jax.random.normal(
-            jax.random.fold_in(kk, COND_NOISE_KEY_OFFSET + k), base.shape[1:], jnp.float32))(sample_keys)
-        level_arr = jnp.full((base.shape[0],), cond_level, jnp.float32)
-        so_far = [noise_condition(base, level_arr, noise)] + list(components[1:])
-    return factorizer.condition(so_far)
+def sample(stage_list: Sequence[Stage], models, labels, sample_keys, *, guidance=None, cond_level=None,
+           given=(), return_components: bool = False):
+    """z (N, H, W, C), unstandardized, from the stages in order.
 
-
-def sample_msf(base_fn, residual_fn: Callable | Sequence[Callable], factorizer, base_cfg, residual_cfg,
-               latent_shape_hwc, labels, sample_keys, num_classes: int, cond_level: float | None = None):
-    """MSF: base sampler -> factorizer.condition -> residual sampler(s) -> compose. Returns z (N,H,W,C).
-
-    `residual_fn` is one model function, or one per residual level (factorizer.levels > 1; a single
-    function is then used for every level). `cond_level` is the conditioning-noise level in the model's
-    timestep units ([0, 1000), i.e. config.residual_cond.sample_level * 1000), as in
-    `msf_jax.stages.training_example`: the conditioning base is noised to it with
-    `stages.noise_condition` when > 0, and the level is passed to the residual model as (N,) float32.
-    None passes None (a residual model trained without noise conditioning).
+    models: one per stage, a DiT (nnx.Module) or a model function `fn(x, t, y, cond, cond_level)`.
+    guidance: None (each stage's config), or one entry per stage: None, a float or a traced scalar
+      (a guided stage's scale; a Python 1.0 samples that stage without guidance).
+    cond_level: None (each residual stage's `sample_level`) or one scalar, in timestep units (may be
+      traced), for every residual stage with noise-conditioning.
+    given: the first components, already known (standardized); `stage_list` then starts at level
+      len(given) (in-training eval of residual_k: given = real [base, .., r_(k-1)], stages [residual_k]).
+    A list that stops before the finest level (e.g. [base]) returns factorizer.upsampled(components):
+    the coarse image at full resolution. With `return_components`, returns (z, parts):
+      parts["components"]  as generated, standardized: [base, r_1, ...] (or [z] for a DiT)
+      parts["partials"]    unstandardized, full resolution: up(base), up(base + r_1), ..., z
     """
+    stage_list, components = list(stage_list), list(given)
+    if not stage_list or [s.index for s in stage_list] != list(range(len(components), len(components) + len(stage_list))):
+        raise ValueError(f"pipeline.sample: stages must follow the {len(components)} given component(s) in order "
+                         f"([dit] or [base, residual, ...]), got {[s.name for s in stage_list]}")
+    if len(models) != len(stage_list):
+        raise ValueError(f"pipeline.sample: {len(models)} models for {len(stage_list)} stages")
+    guidance = [None] * len(stage_list) if guidance is None else list(guidance)
+    if len(guidance) != len(stage_list):
+        raise ValueError(f"pipeline.sample: {len(guidance)} guidance scales for {len(stage_list)} stages")
     labels = jnp.asarray(labels, jnp.int32)
-    n = labels.shape[0]
-    shapes = factorizer.component_shapes(tuple(latent_shape_hwc))
-    levels = len(shapes) - 1
-    if callable(residual_fn):
-        residual_fns = [residual_fn] * levels
+    for stage, model, scale in zip(stage_list, models, guidance):
+        fn = stages_lib.model_function(model) if isinstance(model, nnx.Module) else model
+        components.append(stage.sample(fn, labels, sample_keys, components, guidance_scale=scale,
+                                       cond_level=cond_level))
+    factorizer = stage_list[0].factorizer
+    if factorizer is None:  # the single-stage DiT
+        z, partials = components[0], components[:1]
     else:
-        residual_fns = list(residual_fn)
-        if len(residual_fns) != levels:
-            raise ValueError(f"sample_msf: {len(residual_fns)} residual model functions for "
-                             f"{levels} residual levels")
+        if len(components) == factorizer.num_components:
+            z = factorizer.compose(components)
+        else:
+            z = factorizer.upsampled(components)
+        partials = [factorizer.upsampled(components[:k]) for k in range(1, len(components))] + [z]
+    if return_components:
+        return z, {"components": components, "partials": partials}
+    return z
 
-    components = [sample_stage(base_fn, base_cfg, shapes[0], labels, stage_keys(sample_keys, 0),
-                               num_classes)]
-    level_arr = None if cond_level is None else jnp.full((n,), cond_level, jnp.float32)
-    for k in range(1, levels + 1):
-        cond = residual_condition(factorizer, components, cond_level, sample_keys, k)
-        components.append(sample_stage(residual_fns[k - 1], residual_cfg, shapes[k], labels,
-                                       stage_keys(sample_keys, k), num_classes, cond=cond,
-                                       cond_level=level_arr))
-    if levels == 1:
-        return factorizer.merge(components[0], components[1])
-    return factorizer.compose(components)
+
+# ----------------------------------------------------------------------------------------------
+# Decoding: z -> uint8 images
+# ----------------------------------------------------------------------------------------------
+def pixels_to_uint8(x: jax.Array) -> jax.Array:
+    """[-1, 1] float images -> uint8 exactly as DiT's sampler: clip(127.5 x + 128, 0, 255), truncated."""
+    from msf_jax.models.vae import to_uint8
+
+    return to_uint8(x)
+
+
+class Decoder:
+    """z -> uint8 images: identity for pixel space (`graphdef` None), the SD-VAE decoder for latents.
+
+    Called as `decoder(state, z)` inside jit with the VAE state as an argument, so its weights are
+    not baked into the compiled program as constants.
+    """
+
+    def __init__(self, graphdef, state, scaling_factor: float = 0.18215):
+        self.graphdef, self.state, self.scaling_factor = graphdef, state, scaling_factor
+
+    def __call__(self, state, z: jax.Array) -> jax.Array:
+        if self.graphdef is None:
+            return pixels_to_uint8(z)
+        from msf_jax.models.vae import decode_latents
+
+        return pixels_to_uint8(decode_latents(nnx.merge(self.graphdef, state), z, self.scaling_factor))
+
+
+def make_decoder(config) -> Decoder:
+    """The decoder of config.space: pixels need none; latents need converted SD-VAE weights."""
+    if config.space == "pixel":
+        return Decoder(None, None)
+    if not config.vae.weights:
+        raise ValueError("space='latent' needs vae.weights (python -m msf_jax.convert vae ...) to decode")
+    from msf_jax.convert.vae import load_vae
+
+    graphdef, state = nnx.split(load_vae(config.vae.weights))
+    return Decoder(graphdef, state, config.vae.scaling_factor)

@@ -1,4 +1,4 @@
-"""Sampling at scale: `--mode=sample` draws N images from a two-stage MSF or a single-stage DiT.
+"""Sampling at scale: `--mode=sample` draws N images from MSF (or a pyramid) or a single-stage DiT.
 
 Sample i is a pure function of (config.seed, i): its label and noise derive from the index alone, so
 its image does not depend on the batch size, the device count or restarts. Work is split into shards
@@ -15,21 +15,22 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msf_jax import distributed, outputs, paths, stages
+from msf_jax import checkpoint as ckpt_lib
+from msf_jax import distributed, outputs, paths, pipeline, stages
 from msf_jax.factorize import Factorizer, FactorStats
-from msf_jax.pipeline import sample_dit, sample_msf
+from msf_jax.pipeline import Decoder, make_decoder, pixels_to_uint8, sample_keys  # noqa: F401 (re-exported)
 from msf_jax.progress import Progress
+from msf_jax.stages import Stage
 from msf_jax.stats import resolve_stats
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-index labels and keys
+# Per-index labels
 # ----------------------------------------------------------------------------------------------
 def labels_for_indices(indices: np.ndarray, num_classes: int, mode: str, seed: int) -> np.ndarray:
     """`balanced`: label = index mod num_classes (N / num_classes each); `random`: a hash of (seed, index)."""
@@ -42,41 +43,34 @@ def labels_for_indices(indices: np.ndarray, num_classes: int, mode: str, seed: i
     raise ValueError(f"sample.labels must be 'balanced' or 'random', got {mode!r}")
 
 
-def sample_keys(seed: int, indices) -> jax.Array:
-    """(N,) typed keys: fold_in(key(seed), index)."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(indices, jnp.uint32))
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading models
 # ----------------------------------------------------------------------------------------------
-def load_stage_model(config, stage: str, source: str, *, use_ema: bool = True) -> nnx.Module:
-    """A stage's DiT from a training workdir (orbax, EMA params) or a converted `.safetensors` file."""
+def load_stage_model(config, stage: Stage, source: str, *, use_ema: bool = True,
+                     devices=None) -> nnx.Module:
+    """A stage's DiT from a training workdir or a converted `.safetensors` file.
+
+    From a workdir only the EMA weights (or, with use_ema=False, the raw weights) are read, replicated
+    on `devices` (default: this host's): no trainer and no optimizer moments, memory ~1x the params.
+    """
     if not source:
-        raise ValueError(f"sample.{stage}_checkpoint is empty: give a training workdir or converted weights")
+        raise ValueError(f"sample: no checkpoint for stage {stage.name!r}: give a training workdir or converted "
+                         "weights (sample.dit_checkpoint / base_checkpoint / residual_checkpoint)")
     if source.endswith(".safetensors"):
         from msf_jax.convert.dit import load_dit
 
         return load_dit(source)
-    from msf_jax import checkpoint as ckpt_lib
-    from msf_jax import sharding
-    from msf_jax.train import Trainer
-
     stage_config = config.copy_and_resolve_references()
     with stage_config.unlocked():
-        stage_config.stage = stage
-        stage_config.mesh.shape = (-1, 1, 1)  # sampling: weights replicated on this host's devices
-        stage_config.mesh.num_slices = 1
-    stats = load_stats(config, source)
-    mesh = sharding.create_mesh(stage_config.mesh, devices=jax.local_devices())
-    trainer = Trainer(stage_config, mesh, stats)
-    checkpointer = ckpt_lib.RunCheckpointer(source)
-    if checkpointer.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint under {source}/checkpoints for stage {stage!r}")
-    state = checkpointer.restore_state(trainer.abstract_state, ckpt_lib.config_to_dict(stage_config))
-    checkpointer.close()
-    return nnx.merge(trainer.graphdef, state["ema" if use_ema else "params"], state["rest"])
+        stage_config.stage = stage.name  # the checkpoint must have been written for this stage
+    dtype = stages.DTYPES[config.train.compute_dtype]
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: stage.build_model(dtype=dtype)), nnx.Param, ...)
+    replicated = NamedSharding(Mesh(np.asarray(devices or jax.local_devices()), ("data",)), P())
+    item = "ema" if use_ema else "params"
+    target = {item: params} | ({"rest": rest} if jax.tree.leaves(rest) else {})
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), target)
+    _, restored = ckpt_lib.restore_state_items(source, target, ckpt_lib.config_to_dict(stage_config))
+    return nnx.merge(graphdef, restored[item], restored.get("rest", rest))
 
 
 def load_stats(config, workdir: str | None = None) -> FactorStats | None:
@@ -88,121 +82,116 @@ def load_stats(config, workdir: str | None = None) -> FactorStats | None:
 # The generator: indices -> uint8 images
 # ----------------------------------------------------------------------------------------------
 class Generator:
-    """Jitted two-stage (base + residual) or single-stage sampler with decoding to uint8 images."""
+    """Jitted `pipeline.sample` over a stage list, with decoding to uint8 images.
 
-    def __init__(self, config, models: dict[str, nnx.Module], factorizer: Factorizer | None,
-                 decoder: "Decoder | None" = None, mesh: Mesh | None = None):
-        self.config = config
-        self.two_stage = "base" in models
-        self.shape = stages.data_shape(config)
+    Guidance scales and the conditioning level are runtime arguments of the compiled program, so
+    `gen(indices, labels, guidance={"base": 3.0}, cond_level=50.0)` does not recompile. A stage whose
+    config scale is 1 is compiled without guidance (no doubled batch) and cannot be guided at runtime.
+    """
+
+    def __init__(self, config, stage_list: list[Stage], models, decoder: Decoder | None = None,
+                 mesh: Mesh | None = None):
+        self.config, self.stages = config, list(stage_list)
+        models = [models[s.name] for s in self.stages] if isinstance(models, dict) else list(models)
+        if len(models) != len(self.stages):
+            raise ValueError(f"Generator: {len(models)} models for {len(self.stages)} stages")
         self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
         self.num_devices = self.mesh.devices.size
-        graphdefs, states = {}, {}
-        for name, model in models.items():
-            if float(config[name].guidance_scale) != 1.0 and not getattr(model, "supports_guidance", True):
-                raise ValueError(f"{name}: guidance_scale={config[name].guidance_scale} needs a model trained "
+        for stage, model in zip(self.stages, models):
+            if stage.guided and not getattr(model, "supports_guidance", True):
+                raise ValueError(f"{stage.name}: guidance_scale={stage.config.guidance_scale} needs a model trained "
                                  "with label dropout (class_dropout_prob > 0): this one has no null class")
-            graphdefs[name], states[name] = nnx.split(model)
+        graphdefs, states = zip(*(nnx.split(m) for m in models))
         decoder = decoder or Decoder(None, None)
+        states = {"models": list(states)}
         if decoder.state is not None:
             states["vae"] = decoder.state  # an argument, not a constant baked into the compiled program
-        self.states = jax.device_put(states, NamedSharding(self.mesh, P()))  # replicated
+        self.replicated = NamedSharding(self.mesh, P())
+        self.states = jax.device_put(states, self.replicated)
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        num_classes = config.data.num_classes
-        cond_level = (config.residual_cond.sample_level * stages.COND_NOISE_STEPS
-                      if config.residual_cond.noise_augment else None)
+        noised = [s for s in self.stages if s.noise_cond]
+        self.default_cond_level = noised[0].sample_level if noised else 0.0
 
-        def generate(states, labels, keys):
-            fns = {k: stages.model_function(nnx.merge(graphdefs[k], states[k])) for k in graphdefs}
-            if self.two_stage:
-                z = sample_msf(fns["base"], fns["residual"], factorizer, config.base, config.residual,
-                               self.shape, labels, keys, num_classes, cond_level=cond_level)
-            else:
-                z = sample_dit(fns["dit"], config.dit, self.shape, labels, keys, num_classes)
+        def generate(states, labels, keys, scales, cond_level):
+            fns = [stages.model_function(nnx.merge(g, s)) for g, s in zip(graphdefs, states["models"])]
+            guidance = [scale if stage.guided else 1.0 for stage, scale in zip(self.stages, scales)]
+            z = pipeline.sample(self.stages, fns, labels, keys, guidance=guidance, cond_level=cond_level)
             return decoder(states.get("vae"), z)
 
         self._generate = jax.jit(generate, out_shardings=self.batch_sharding)
 
-    def __call__(self, indices: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """uint8 (N,H,W,3) images of the given sample indices and labels."""
+    def __call__(self, indices: np.ndarray, labels: np.ndarray, *, guidance: dict[str, float] | None = None,
+                 cond_level: float | None = None) -> np.ndarray:
+        """uint8 (N,H,W,3) images of the given sample indices and labels.
+
+        guidance: {stage name: scale} overriding the config's scales of guided stages; cond_level:
+        the residual stages' conditioning level in timestep units (default residual_cond.sample_level
+        * 1000).
+        """
+        guidance = dict(guidance or {})
+        unknown = set(guidance) - {s.name for s in self.stages if s.guided}
+        if unknown:
+            raise ValueError(f"Generator: no guided stage named {sorted(unknown)} (guided stages are compiled "
+                             "for a config guidance_scale != 1)")
+        scales = np.asarray([guidance.get(s.name, float(s.config.guidance_scale)) for s in self.stages], np.float32)
+        level = np.float32(self.default_cond_level if cond_level is None else cond_level)
         n = len(indices)
         # One batch shape (sample.batch_size, a multiple of the device count): no recompilation
         # for a short last batch.
         padded = -(-max(n, int(self.config.sample.batch_size)) // self.num_devices) * self.num_devices
         idx = np.concatenate([indices, np.full(padded - n, indices[-1])]).astype(np.int64)
         lab = np.concatenate([labels, np.full(padded - n, labels[-1])]).astype(np.int32)
-        keys = sample_keys(self.config.seed, idx)
+        keys = jax.device_put(sample_keys(self.config.seed, idx), self.batch_sharding)
         lab = jax.device_put(lab, self.batch_sharding)
-        keys = jax.device_put(keys, self.batch_sharding)
-        return np.asarray(jax.device_get(self._generate(self.states, lab, keys)))[:n]
+        scales, level = jax.device_put((scales, level), self.replicated)
+        return np.asarray(jax.device_get(self._generate(self.states, lab, keys, scales, level)))[:n]
 
 
-def pixels_to_uint8(x: jax.Array) -> jax.Array:
-    """[-1, 1] float images -> uint8 exactly as DiT's sampler: clip(127.5 x + 128, 0, 255), truncated."""
-    from msf_jax.models.vae import to_uint8
-
-    return to_uint8(x)
-
-
-class Decoder:
-    """z -> uint8 images: identity for pixel space (`graphdef` None), the SD-VAE decoder for latents.
-
-    Called as `decoder(state, z)` inside jit with the VAE state as an argument, so its weights are
-    not baked into the compiled program as constants.
-    """
-
-    def __init__(self, graphdef, state, scaling_factor: float = 0.18215):
-        self.graphdef, self.state, self.scaling_factor = graphdef, state, scaling_factor
-
-    def __call__(self, state, z: jax.Array) -> jax.Array:
-        if self.graphdef is None:
-            return pixels_to_uint8(z)
-        from msf_jax.models.vae import decode_latents
-
-        return pixels_to_uint8(decode_latents(nnx.merge(self.graphdef, state), z, self.scaling_factor))
-
-
-def make_decoder(config) -> Decoder:
-    """The decoder of config.space: pixels need none; latents need converted SD-VAE weights."""
-    if config.space == "pixel":
-        return Decoder(None, None)
-    if not config.vae.weights:
-        raise ValueError("space='latent' needs vae.weights (python -m msf_jax.convert vae ...) to decode")
-    from msf_jax.convert.vae import load_vae
-
-    graphdef, state = nnx.split(load_vae(config.vae.weights))
-    return Decoder(graphdef, state, config.vae.scaling_factor)
+def load_stages(config, *, dit: bool = True) -> tuple[list[Stage], list[nnx.Module]]:
+    """The configured stages and their models: MSF / a pyramid when base and residual checkpoints
+    are given (one residual checkpoint per level, their factorizer statistics must agree), else the
+    single-stage DiT of sample.dit_checkpoint (when `dit`)."""
+    sc = config.sample
+    if sc.base_checkpoint or sc.residual_checkpoint:
+        sources = [sc.base_checkpoint] + [s.strip() for s in sc.residual_checkpoint.split(",")]
+        stats = [load_stats(config, source) for source in sources]
+        if stats[0] is not None:
+            for source, other in zip(sources[1:], stats[1:]):
+                if not all(np.allclose(a, b) for a, b in zip(stats[0].means + stats[0].stds, other.means + other.stds)):
+                    raise ValueError(f"the base ({sources[0]}) and residual ({source}) stages were trained with "
+                                     "different factorizer statistics")
+        stage_list = stages.build_stages(config, Factorizer.from_config(config.factorizer, stats=stats[0]))
+        if len(sources) != len(stage_list):
+            raise ValueError(f"sample.residual_checkpoint: {len(sources) - 1} checkpoint(s) for "
+                             f"{len(stage_list) - 1} residual level(s) (comma-separated, coarse to fine)")
+    elif dit:
+        sources, stage_list = [sc.dit_checkpoint], stages.build_stages(config, single_stage=True)
+    else:
+        return [], []
+    models = [load_stage_model(config, stage, source, use_ema=sc.use_ema)
+              for stage, source in zip(stage_list, sources)]
+    return stage_list, models
 
 
 def load_models(config, *, dit: bool = True) -> tuple[dict[str, nnx.Module], Factorizer | None]:
-    """The configured checkpoints: {"base", "residual"} with their factorizer when base and residual
-    are given (their statistics must agree), and "dit" when sample.dit_checkpoint is given (and `dit`)."""
-    sc = config.sample
-    models, factorizer = {}, None
-    if sc.base_checkpoint or sc.residual_checkpoint:
-        models = {"base": load_stage_model(config, "base", sc.base_checkpoint, use_ema=sc.use_ema),
-                  "residual": load_stage_model(config, "residual", sc.residual_checkpoint, use_ema=sc.use_ema)}
-        stats = load_stats(config, sc.base_checkpoint)
-        residual_stats = load_stats(config, sc.residual_checkpoint)
-        if stats is not None and not all(
-                np.allclose(a, b) for a, b in zip(stats.means + stats.stds, residual_stats.means + residual_stats.stds)):
-            raise ValueError(f"the base ({sc.base_checkpoint}) and residual ({sc.residual_checkpoint}) stages "
-                             "were trained with different factorizer statistics")
-        factorizer = Factorizer.from_config(config.factorizer, stats=stats)
-    if dit and sc.dit_checkpoint:
-        models["dit"] = load_stage_model(config, "dit", sc.dit_checkpoint, use_ema=sc.use_ema)
-    return models, factorizer
+    """`load_stages` for --mode=sweep: {"base", "residual"} with their factorizer when base and
+    residual are given, and "dit" when sample.dit_checkpoint is given (and `dit`)."""
+    stage_list, models = load_stages(config, dit=False)
+    out, factorizer = {s.name: m for s, m in zip(stage_list, models)}, None
+    if stage_list:
+        factorizer = stage_list[0].factorizer
+        if len(stage_list) != 2:
+            raise ValueError("sweep: MSF with factorizer.levels=1 only (base and residual)")
+    if dit and config.sample.dit_checkpoint:
+        dit_stage = stages.make_stage(config, "dit")
+        out["dit"] = load_stage_model(config, dit_stage, config.sample.dit_checkpoint, use_ema=config.sample.use_ema)
+    return out, factorizer
 
 
 def make_generator(config) -> Generator:
-    """Loads the configured checkpoints (two-stage when base and residual are given) and the decoder."""
-    sc = config.sample
-    if sc.base_checkpoint or sc.residual_checkpoint:
-        models, factorizer = load_models(config, dit=False)
-    else:
-        models = {"dit": load_stage_model(config, "dit", sc.dit_checkpoint, use_ema=sc.use_ema)}
-        factorizer = None
-    return Generator(config, models, factorizer, make_decoder(config))
+    """Loads the configured checkpoints (see `load_stages`) and the decoder."""
+    stage_list, models = load_stages(config)
+    return Generator(config, stage_list, models, make_decoder(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,8 +259,9 @@ def _check_run_spec(path: str, config) -> None:
     """Finished parts are reused on a rerun only if they were sampled with the same settings."""
     import json
 
-    keys = ("seed", "space", "data", "factorizer", "base", "residual", "dit", "residual_cond", "vae")
     full = json.loads(config.to_json())
+    keys = ("seed", "space", "data", "factorizer", "base", "residual", "dit", "residual_cond", "vae") + tuple(
+        k for k in full if k.startswith("residual_") and k != "residual_cond")
     spec = {k: full.get(k) for k in keys}
     spec["sample"] = {k: v for k, v in full["sample"].items() if k not in ("batch_size", "outputs")}
     if paths.exists(path):

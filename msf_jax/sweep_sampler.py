@@ -4,9 +4,9 @@ A sweep setting is (per stage: sampler, steps, guidance) and, for MSF, the resid
 conditioning level. Steps and sampler decide the program (scan length, step function); whether a stage
 is guided (scale != 1) decides its batch (classifier-free guidance doubles it), so those are the
 static key. The guidance values and the level are traced arguments: a sweep over them reuses one
-compiled program. Per-index labels and keys are those of `--mode=sample` (`sample.sample_keys`), and
-the stage keys, conditioning and merge those of `pipeline`, so a setting's images equal
-`--mode=sample`'s with the same values in the config.
+compiled program. Per-index labels and keys are those of `--mode=sample` (`pipeline.sample_keys`), and
+a setting is sampled by `pipeline.sample` over the stages with the setting's sampler, steps and
+guidance, so a setting's images equal `--mode=sample`'s with the same values in the config.
 
 Cost: model FLOPs per image = sum over stages of (model evaluations per sample, counted at run time
 in the stage's real sampler) x (FLOPs of one, possibly guided, model evaluation per image, from XLA's
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,11 +26,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msf_jax import stages
+from msf_jax import pipeline, stages
 from msf_jax.diffusion import make_process
 from msf_jax.diffusion import samplers
-from msf_jax.pipeline import residual_condition, stage_keys
-from msf_jax.sample import Decoder, sample_keys
+from msf_jax.pipeline import Decoder, sample_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ def compiled_flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def count_model_calls(process, sampler: str, steps: int, out_channels: int) -> int:
+def count_model_calls(process, sampler: str, steps: int, out_channels: int, heun_final_step: str = "heun") -> int:
     """Model evaluations per sample of `sampler` with `steps` steps, counted while it runs.
 
     The real step functions run on a 1-sample, 2x2 input with a stand-in model that returns zeros and
@@ -69,7 +69,8 @@ def count_model_calls(process, sampler: str, steps: int, out_channels: int) -> i
         return jnp.zeros(x.shape[:-1] + (out_channels,), x.dtype)
 
     run = jax.jit(lambda keys: samplers.sample(process, model_fn, (2, 2, 1), jnp.zeros((1,), jnp.int32),
-                                               keys, sampler=sampler, num_steps=steps))
+                                               keys, sampler=sampler, num_steps=steps,
+                                               heun_final_step=heun_final_step))
     jax.block_until_ready(run(sample_keys(0, np.arange(1))))
     jax.effects_barrier()
     return len(calls)
@@ -90,6 +91,7 @@ class SweepSampler:
         self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
         self.num_devices = self.mesh.devices.size
         self.models = models
+        self.stages = {name: stages.make_stage(config, name, factorizer) for name in models}
         self.decoder = decoder or Decoder(None, None)
         self.graphdefs, states = {}, {}
         for name, model in models.items():
@@ -112,33 +114,24 @@ class SweepSampler:
             raise ValueError(f"{name}: guidance {run.guidance} needs a model trained with label dropout "
                              "(class_dropout_prob > 0): this one has no null class")
 
-    def _stage(self, name, run: StageRun, states, guidance, labels, keys, shape, cond=None, cond_level=None):
-        cfg = self.config[name]
-        model_fn = stages.model_function(nnx.merge(self.graphdefs[name], states[name]))
-        return samplers.sample(make_process(cfg), model_fn, tuple(shape), labels, keys, sampler=run.sampler,
-                               num_steps=run.steps, guidance_scale=guidance if run.static[2] else 1.0,
-                               guidance_channels=int(cfg.guidance_channels),
-                               null_class=int(self.config.data.num_classes), cond=cond,
-                               cond_level=cond_level, eta=float(cfg.ddim_eta))
+    def _run_stage(self, name: str, run: StageRun) -> stages.Stage:
+        """The stage `name` with the setting's sampler, steps and (static part of the) guidance."""
+        stage = self.stages[name]
+        cfg = stage.config.copy_and_resolve_references()
+        with cfg.unlocked():
+            cfg.sampler, cfg.num_sampling_steps, cfg.guidance_scale = run.sampler, run.steps, run.guidance
+        return dataclasses.replace(stage, config=cfg)
 
     def _build(self, runs: dict[str, StageRun]):
         """The jitted program of one static key: (states, labels, keys, guidance, level) -> uint8."""
+        names = sorted(runs, key=lambda n: self.stages[n].index)  # dit, or base then residual
 
         def generate(states, labels, keys, guidance, level):
             self.traces += 1  # runs once per trace, i.e. per compilation
-            if "dit" in runs:
-                z = self._stage("dit", runs["dit"], states, guidance["dit"], labels, stage_keys(keys, 0),
-                                self.shape)
-            else:
-                base_shape, residual_shape = self.factorizer.component_shapes(self.shape)
-                base = self._stage("base", runs["base"], states, guidance["base"], labels,
-                                   stage_keys(keys, 0), base_shape)
-                level = level if self.noise_cond else None
-                cond = residual_condition(self.factorizer, [base], level, keys, 1)
-                level_n = None if level is None else jnp.full((labels.shape[0],), level, jnp.float32)
-                residual = self._stage("residual", runs["residual"], states, guidance["residual"], labels,
-                                       stage_keys(keys, 1), residual_shape, cond=cond, cond_level=level_n)
-                z = self.factorizer.merge(base, residual)
+            fns = [stages.model_function(nnx.merge(self.graphdefs[n], states[n])) for n in names]
+            scales = [guidance[n] if runs[n].static[2] else 1.0 for n in names]
+            z = pipeline.sample([self._run_stage(n, runs[n]) for n in names], fns, labels, keys,
+                                guidance=scales, cond_level=level)
             return self.decoder(states.get("vae"), z)
 
         return jax.jit(generate, out_shardings=self.batch_sharding)
@@ -187,15 +180,16 @@ class SweepSampler:
         key = (name, run.sampler, run.steps)
         if key not in self._calls:
             model = self.models[name]
-            self._calls[key] = count_model_calls(make_process(self.config[name]), run.sampler, run.steps,
-                                                 int(model.out_channels))
+            cfg = self.stages[name].config
+            self._calls[key] = count_model_calls(make_process(cfg), run.sampler, run.steps,
+                                                 int(model.out_channels), cfg.heun_final_step)
         return self._calls[key]
 
     def call_flops(self, name: str, guided: bool) -> float:
         """FLOPs per image of one evaluation of stage `name`'s model (guided: both CFG halves)."""
         if (name, guided) in self._flops:
             return self._flops[(name, guided)]
-        cfg, model = self.config[name], self.models[name]
+        cfg, model = self.stages[name].config, self.models[name]
         shapes = {"dit": [self.shape]}.get(name) or self.factorizer.component_shapes(self.shape)
         shape = shapes[0] if name in ("dit", "base") else shapes[1]
         x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)

@@ -25,13 +25,12 @@ from msf_jax import checkpoint as ckpt_lib
 from msf_jax import distributed, sharding, stages, train_report, train_step
 from msf_jax.data import input_pipeline
 from msf_jax.data.order import ORDER_VERSION
-from msf_jax.diffusion import make_process
 from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.models.dit import dit_flops_per_example
 from msf_jax.progress import Progress
 from msf_jax.stats import batch_to_z, resolve_stats
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = stages.DTYPES
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -54,15 +53,14 @@ class Trainer:
     """Model, optimizer and jitted train step of one stage on one mesh."""
 
     def __init__(self, config, mesh, stats: FactorStats | None):
-        self.config, self.mesh, self.stage = config, mesh, config.stage
+        self.config, self.mesh = config, mesh
         self.factorizer = Factorizer.from_config(config.factorizer, stats=stats)
-        self.spec = stages.stage_spec(config, self.stage, self.factorizer)
-        self.process = make_process(config[self.stage])
+        self.stage = stages.make_stage(config, config.stage, self.factorizer)  # what this run trains
+        self.process = self.stage.process
         self.tx = create_optimizer(config.train)
         self.rules = sharding.logical_rules(config)
         dtype = DTYPES[config.train.compute_dtype]
-        self._make_model = lambda: stages.build_model(config, self.stage, self.spec, seed=config.seed,
-                                                      dtype=dtype, remat=config.train.remat)
+        self._make_model = lambda: self.stage.build_model(seed=config.seed, dtype=dtype, remat=config.train.remat)
         abstract_model = nnx.eval_shape(self._make_model)
         self.graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
         self.flops_per_example = dit_flops_per_example(abstract_model)
@@ -86,7 +84,7 @@ class Trainer:
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         k_z, k_stage, k_t, k_noise, k_drop = jax.random.split(key, 5)
         z = batch_to_z(self.config, batch, k_z)
-        x0, cond, cond_level = stages.training_example(self.config, self.stage, self.factorizer, z, k_stage)
+        x0, cond, cond_level = self.stage.training_example(z, k_stage)
         labels = batch["label"]
         t = self.process.sample_timesteps(k_t, x0.shape[0])
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)

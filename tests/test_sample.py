@@ -25,35 +25,39 @@ def _randomized(model, seed):
     return model
 
 
-def _models(config):
-    factorizer = Factorizer.from_config(config.factorizer)
-    models = {}
-    for i, stage in enumerate(("base", "residual")):
-        spec = stages.stage_spec(config, stage, factorizer)
-        models[stage] = _randomized(stages.build_model(config, stage, spec, seed=i), seed=10 + i)
-    return models, factorizer
-
-
 @pytest.fixture(scope="module")
 def setup():
     config = tiny_config()
-    models, factorizer = _models(config)
-    return config, models, factorizer
+    stage_list = stages.build_stages(config, Factorizer.from_config(config.factorizer))
+    models = [_randomized(stage.build_model(seed=i), seed=10 + i) for i, stage in enumerate(stage_list)]
+    return config, stage_list, models
 
 
 def test_sample_does_not_depend_on_batch_or_device_count(setup):
-    config, models, factorizer = setup
-    one = sample_lib.Generator(config, models, factorizer, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
-    eight = sample_lib.Generator(config, models, factorizer, mesh=Mesh(np.asarray(jax.devices()), ("data",)))
+    config, stage_list, models = setup
+    one = sample_lib.Generator(config, stage_list, models, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    eight = sample_lib.Generator(config, stage_list, models, mesh=Mesh(np.asarray(jax.devices()), ("data",)))
     idx = np.arange(6)
     labels = sample_lib.labels_for_indices(idx, config.data.num_classes, "balanced", config.seed)
-    all_at_once = one(idx, labels)
-    in_pieces = np.concatenate([one(idx[:1], labels[:1]), one(idx[1:4], labels[1:4]), one(idx[4:], labels[4:])])
-    on_eight = eight(idx, labels)
+    with jax.transfer_guard("disallow"):  # no hidden host <-> device copies
+        all_at_once = one(idx, labels)
+        in_pieces = np.concatenate([one(idx[:1], labels[:1]), one(idx[1:4], labels[1:4]), one(idx[4:], labels[4:])])
+        on_eight = eight(idx, labels)
     np.testing.assert_array_equal(all_at_once, in_pieces)
     np.testing.assert_array_equal(all_at_once, on_eight)
     assert all_at_once.dtype == np.uint8 and all_at_once.shape == (6, 16, 16, 3)
     assert len({a.tobytes() for a in all_at_once}) == 6  # distinct samples
+
+    # Guidance and the conditioning level are runtime arguments: new values, no recompilation.
+    compiled = one._generate._cache_size()  # batch shapes 6 and 4 (sample.batch_size)
+    with jax.transfer_guard("disallow"):
+        other = [one(idx, labels, guidance={"base": 4.0}), one(idx, labels, cond_level=150.0),
+                 one(idx, labels, guidance={"base": 1.5, "residual": 1.5}, cond_level=0.0)]
+    assert one._generate._cache_size() == compiled
+    assert not np.array_equal(other[0], all_at_once) and not np.array_equal(other[1], all_at_once)
+    np.testing.assert_array_equal(other[2], all_at_once)  # the config's values, passed explicitly
+    with pytest.raises(ValueError, match="no guided stage"):
+        one(idx, labels, guidance={"dit": 2.0})
 
 
 def test_labels_balanced_and_random():
@@ -71,8 +75,8 @@ def test_files_resume_npz_and_tfrecord(setup, tmp_path):
 
     from msf_jax import outputs
 
-    config, models, factorizer = setup
-    gen = sample_lib.Generator(config, models, factorizer)
+    config, stage_list, models = setup
+    gen = sample_lib.Generator(config, stage_list, models)
     full = sample_lib.sample_to_files(config, str(tmp_path / "full"), generator=gen)
 
     # A run killed after its first shard: only that part exists. Rerunning completes the rest.
@@ -145,14 +149,14 @@ def test_single_stage_from_converted_weights(tmp_path):
     from msf_jax.convert.common import save_params
 
     config = tiny_config("dit")
-    spec = stages.stage_spec(config, "dit", Factorizer.from_config(config.factorizer))
-    model = _randomized(stages.build_model(config, "dit", spec), seed=3)
+    dit = stages.make_stage(config, "dit")
+    model = _randomized(dit.build_model(), seed=3)
     save_params(str(tmp_path / "dit.safetensors"), nnx.state(model, nnx.Param).to_pure_dict(), model.config)
     config.sample.dit_checkpoint = str(tmp_path / "dit.safetensors")
     config.sample.num_samples, config.sample.outputs = 3, "npz,grid"
     written = sample_lib.sample_to_files(config, str(tmp_path / "out"))
     images = np.load(written["npz"])["arr_0"]
-    direct = sample_lib.Generator(config, {"dit": model}, None)(np.arange(3), np.arange(3) % 4)
+    direct = sample_lib.Generator(config, [dit], [model])(np.arange(3), np.arange(3) % 4)
     np.testing.assert_array_equal(images, direct)
 
 
@@ -167,17 +171,53 @@ def test_latent_space_samples_are_decoded_by_the_vae(tmp_path):
     config = tiny_config("dit")
     config.space, config.data.image_size = "latent", 32  # 4x4x4 latents
     config.vae.weights = str(tmp_path / "vae.safetensors")
-    spec = stages.stage_spec(config, "dit", Factorizer.from_config(config.factorizer))
-    model = _randomized(stages.build_model(config, "dit", spec), seed=4)
+    dit = stages.make_stage(config, "dit")
+    model = _randomized(dit.build_model(), seed=4)
     decoder = sample_lib.make_decoder(config)
-    images = sample_lib.Generator(config, {"dit": model}, None, decoder)(np.arange(2), np.arange(2))
+    images = sample_lib.Generator(config, [dit], [model], decoder)(np.arange(2), np.arange(2))
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
 
     # The same latents decoded directly with the VAE give the same pixels.
-    from msf_jax.pipeline import sample_dit
+    from msf_jax import pipeline
 
-    keys = sample_lib.sample_keys(config.seed, np.arange(2))
-    z = sample_dit(stages.model_function(model), config.dit, (4, 4, 4), jnp.arange(2), keys, 4)
+    keys = pipeline.sample_keys(config.seed, np.arange(2))
+    z = pipeline.sample([dit], [model], jnp.arange(2), keys)
     direct = sample_lib.pixels_to_uint8(vae_lib.decode_latents(vae, z))
     # Eager vs jitted float32 may round a pixel differently: allow one grey level.
     assert np.abs(np.asarray(direct).astype(int) - images.astype(int)).max() <= 1
+
+
+def test_sampling_from_a_workdir_reads_only_the_ema_weights(tmp_path, monkeypatch):
+    """No trainer, no params, no optimizer moments: a partial restore of the EMA item (~1x params)."""
+    from msf_jax import checkpoint as ckpt_lib
+    from msf_jax import train
+
+    config = tiny_config("base", num_steps=2, ema_decay=0.5)
+    saved = jax.device_get(train.train_and_evaluate(config, str(tmp_path))["state"])
+    ema, params = jax.tree.leaves(saved["ema"]), jax.tree.leaves(saved["params"])
+    assert any(not np.array_equal(a, b) for a, b in zip(ema, params))  # EMA and params differ
+
+    seen = {}
+    restore = ckpt_lib.restore_state_items
+
+    def spy(workdir, abstract_items, config_dict, step=None):
+        step, items = restore(workdir, abstract_items, config_dict, step)
+        seen["target"], seen["restored"] = abstract_items, items
+        return step, items
+
+    monkeypatch.setattr(ckpt_lib, "restore_state_items", spy)
+    model = sample_lib.load_stage_model(config, stages.make_stage(config, "base"), str(tmp_path))
+    assert set(seen["target"]) == set(seen["restored"]) == {"ema"}  # the only item asked for and read
+    restored = jax.tree.leaves(seen["restored"])
+    assert len(restored) == len(ema) and sum(x.nbytes for x in restored) == sum(x.nbytes for x in ema)
+    for got, want in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), ema):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+    raw = sample_lib.load_stage_model(config, stages.make_stage(config, "base"), str(tmp_path), use_ema=False)
+    assert set(seen["restored"]) == {"params"}
+    for got, want in zip(jax.tree.leaves(nnx.state(raw, nnx.Param)), params):
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+    # A workdir of another stage is one clear error naming the difference.
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="stage"):
+        sample_lib.load_stage_model(config, stages.make_stage(config, "residual"), str(tmp_path))

@@ -48,8 +48,7 @@ def _config():
 def setup():
     config = _config()
     factorizer = Factorizer.from_config(config.factorizer)
-    models = {name: _randomized(stages.build_model(config, name, stages.stage_spec(config, name, factorizer),
-                                                   seed=i), seed=10 + i)
+    models = {name: _randomized(stages.make_stage(config, name, factorizer).build_model(seed=i), seed=10 + i)
               for i, name in enumerate(("base", "residual", "dit"))}
     one_device = Mesh(np.asarray(jax.devices()[:1]), ("data",))  # compiles faster; 8 devices below
     return config, models, factorizer, SweepSampler(config, models, factorizer, mesh=one_device)
@@ -194,7 +193,7 @@ def test_mode_sweep_from_converted_files(tmp_path):
     config.sample.batch_size = 2  # on the 8 test devices: padded to 8
     factorizer = Factorizer.from_config(config.factorizer)
     for i, name in enumerate(("base", "residual")):
-        model = _randomized(stages.build_model(config, name, stages.stage_spec(config, name, factorizer)), i)
+        model = _randomized(stages.make_stage(config, name, factorizer).build_model(), i)
         path = str(tmp_path / f"{name}.safetensors")
         save_params(path, nnx.state(model, nnx.Param).to_pure_dict(), model.config)
         config.sample[f"{name}_checkpoint"] = path

@@ -6,8 +6,9 @@ scan step j (0-based, in sampling order) from `fold_in(key_i, j + 1)`, so sample
 batch it is generated in. `sample_keys` are (N,) typed keys or (N, 2) uint32 raw keys.
 
 The single step function is exposed (`make_plan(...).step`) so a plain Python loop over it can be
-compared with the scan. Everything static (process, sampler, step count, guidance scale/channels) is a
-Python value; the caller jits `sample` with those closed over.
+compared with the scan. The process, sampler, step count and guidance channels are static Python
+values; the guidance scale and the conditioning level may be traced (runtime arguments of the caller's
+jitted function, so changing them does not recompile).
 """
 
 from __future__ import annotations
@@ -91,9 +92,19 @@ def _bcast(v, x):
     return jnp.asarray(v, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
 
 
-def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0) -> Plan:
-    """The step function and per-step inputs of `sampler` on `process` with `num_steps` steps."""
+HEUN_FINAL_STEPS = ("heun", "euler")
+
+
+def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_final_step: str = "heun") -> Plan:
+    """The step function and per-step inputs of `sampler` on `process` with `num_steps` steps.
+
+    `heun_final_step`: "heun" corrects every interval, also the last one (the velocity is evaluated
+    at t = 0); "euler" ends with a plain Euler step (one model call fewer, e.g. EDM's sampler, whose
+    last step lands on sigma = 0 where its denoiser cannot be evaluated).
+    """
     num_steps = int(num_steps)
+    if heun_final_step not in HEUN_FINAL_STEPS:
+        raise ValueError(f"heun_final_step must be one of {HEUN_FINAL_STEPS}, got {heun_final_step!r}")
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     kind = getattr(process, "kind", None)
@@ -145,7 +156,7 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0) -> Plan:
             def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
                 v = velocity(model_fn, x, xs_i["t"], y, cond, cond_level)
                 return x + (xs_i["t_next"] - xs_i["t"]) * v
-        else:  # heun; the last step (t_next == 0) is an Euler step
+        else:  # heun (with heun_final_step="euler", the last step, t_next == 0, is an Euler step)
             def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
                 h = xs_i["t_next"] - xs_i["t"]
                 v = velocity(model_fn, x, xs_i["t"], y, cond, cond_level)
@@ -155,6 +166,8 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0) -> Plan:
                     v2 = velocity(model_fn, x_euler, xs_i["t_next"], y, cond, cond_level)
                     return x + 0.5 * h * (v + v2)
 
+                if heun_final_step == "heun":
+                    return correct(x_euler)
                 return jax.lax.cond(xs_i["t_next"] > 0, correct, lambda xe: xe, x_euler)
         return Plan(step, xs, num_steps, process)
 
@@ -166,12 +179,14 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0) -> Plan:
 # ---------------------------------------------------------------------------------------------------
 def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
            guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-           cond_level=None, eta: float = 0.0):
+           cond_level=None, eta: float = 0.0, heun_final_step: str = "heun"):
     """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun").
 
     model_fn(x, t, y, cond, cond_level) -> out (see msf_jax.diffusion). `labels` (N,) int; `cond` an
     (N, h, w, c) conditioning image or None; `cond_level` None, a scalar or (N,) passed to the model
     as (N,) float32. A Gaussian process is respaced to `num_steps` (DiT: `create_diffusion(str(K))`).
+    `guidance_scale` may be a traced scalar (then the batch is always doubled); a Python 1.0 disables
+    guidance. `heun_final_step`: see `make_plan`.
     """
     labels = jnp.asarray(labels, jnp.int32)
     n = labels.shape[0]
@@ -179,7 +194,7 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
         raise ValueError(f"need one key per label: {sample_keys.shape[0]} keys, {n} labels")
     if cond_level is not None:
         cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (n,))
-    plan = make_plan(process, sampler, num_steps, eta)
+    plan = make_plan(process, sampler, num_steps, eta, heun_final_step)
     model = guided_model(model_fn, guidance_scale, guidance_channels, null_class)
     x = initial_noise(sample_keys, shape_hwc)
 
@@ -192,12 +207,12 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
 
 def sample_loop(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
                 guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-                cond_level=None, eta: float = 0.0):
+                cond_level=None, eta: float = 0.0, heun_final_step: str = "heun"):
     """`sample` with a plain Python loop over the same step function (for tests and debugging)."""
     labels = jnp.asarray(labels, jnp.int32)
     if cond_level is not None:
         cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (labels.shape[0],))
-    plan = make_plan(process, sampler, num_steps, eta)
+    plan = make_plan(process, sampler, num_steps, eta, heun_final_step)
     model = guided_model(model_fn, guidance_scale, guidance_channels, null_class)
     x = initial_noise(sample_keys, shape_hwc)
     for j in range(plan.num_steps):
