@@ -272,7 +272,7 @@ def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int,
         path = stage_eval.training_grid(config, trainer, state, workdir, step)
         if path:
             logging.info("Wrote sample grid %s", path)
-            writer.write_images(step, {f"samples/{trainer.stage}": train_report.image_summary(path)})
+            writer.write_images(step, {f"samples/{trainer.stage.name}": train_report.image_summary(path)})
     except Exception as e:  # pylint: disable=broad-except
         # A grid is a convenience: a failure to draw one must not lose the training run.
         logging.warning("Sample grid at step %d failed: %s", step, e)
