@@ -29,11 +29,6 @@ LAYERS = (
 )
 JOBS = LAYERS[0][1] + LAYERS[1][1]
 
-# The sample -> train -> stage_eval -> sample cycle is being removed (issue #9: in-training eval
-# receives a generate function instead of importing sample and train). Only it may remain, as xfail.
-KNOWN_CYCLE = frozenset({"sample", "stage_eval", "train"})
-
-
 def _modules(root: str) -> dict[str, str]:
     """Dotted module name (without the package prefix; "" = the package) -> file path."""
     mods = {}
@@ -179,11 +174,7 @@ def test_graph_sees_lazy_relative_and_from_imports(tmp_path):
 def test_no_import_cycles():
     graph = import_graph()
     found = cycles(graph)
-    unexpected = [c for c in found if frozenset(c) != KNOWN_CYCLE]
-    assert not unexpected, "import cycle(s): " + " | ".join(_cycle_path(graph, c) for c in unexpected)
-    if found:
-        pytest.xfail(f"known cycle {_cycle_path(graph, found[0])} (issue #9: in-training eval should "
-                     "receive a generate function instead of importing sample and train)")
+    assert not found, "import cycle(s): " + " | ".join(_cycle_path(graph, c) for c in found)
 
 
 def test_every_module_has_a_layer():
