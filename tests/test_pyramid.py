@@ -44,8 +44,8 @@ def test_three_level_pyramid_trains_samples_and_composes_exactly(tmp_path):
     with jax.transfer_guard("disallow"):
         images = generator(idx, labels)
 
-    models = [sample_lib.load_stage_model(config, s, src) for s, src in
-              zip(stage_list, [config.sample.base_checkpoint] + config.sample.residual_checkpoint.split(","))]
+    models = [sample_lib.load_stage_model(config, s, str(src)) for s, src in
+              zip(stage_list, [tmp_path / "base", tmp_path / "residual", tmp_path / "residual_2"])]
     keys = pipeline.sample_keys(config.seed, idx)
     z, parts = jax.jit(lambda k: pipeline.sample(stage_list, models, labels, k, return_components=True))(keys)
     fz = stage_list[0].factorizer

@@ -82,7 +82,7 @@ def test_sweep_images_match_mode_sample(setup):
     cfg = config.copy_and_resolve_references()
     cfg.base.num_sampling_steps, cfg.base.guidance_scale = 3, 2.5
     cfg.residual_cond.sample_level = 0.1
-    expected = sample_lib.Generator(cfg, {k: models[k] for k in ("base", "residual")}, factorizer,
+    expected = sample_lib.Generator(cfg, stages.build_stages(cfg, factorizer), [models["base"], models["residual"]],
                                     mesh=sampler.mesh)(idx, labels)
     got = sampler({"base": StageRun("heun", 3, 2.5), "residual": StageRun("euler", 3, 1.5)}, 0.1, idx, labels)
     assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1  # traced vs constant scale: rounding
