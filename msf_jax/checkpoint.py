@@ -136,8 +136,8 @@ def restore_state_items(workdir: str, abstract_items: dict[str, Any], config_dic
     read, so memory is about one copy of the parameters. `abstract_items` are ShapeDtypeStructs with
     shardings (the restore target). Returns (step, items); checks the model signature first.
     """
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    if not os.path.isdir(directory):
+    directory = paths.join(paths.abspath(workdir), "checkpoints")  # gs://… passes unchanged
+    if not paths.isdir(directory):
         raise FileNotFoundError(f"no checkpoints under {directory}")
     manager = ocp.CheckpointManager(
         directory, item_names=("state", "config"),

@@ -91,8 +91,8 @@ def run_demo(config, workdir: str) -> dict:
     grid = outputs.image_grid(np.concatenate(rows), nrow=2 * per_class + 1)
     grid_path = outputs.save_png(paths.join(workdir, "demo_grid.png"), grid,
                                  upscale=max(1, 96 // samples.shape[1]))
-    components_path = write_components_figure(config, models, factorizer,
-                                              os.path.join(workdir, "demo_components.png"))
+    components_path = write_components_figure(config, stage_list, models,
+                                              paths.join(workdir, "demo_components.png"))
     _say(f"wrote {components_path} (base, up(base), residual, final for one sample per class)")
     metrics = {"swd": swd, "num_eval_samples": n_eval, "wall_time_s": time.perf_counter() - t_start,
                "grid": grid_path, "components": components_path}
@@ -104,35 +104,26 @@ def run_demo(config, workdir: str) -> dict:
     return metrics
 
 
-def write_components_figure(config, models, factorizer: Factorizer, path: str, rows: int = 8) -> str:
+def write_components_figure(config, stage_list, models, path: str, rows: int = 8) -> str:
     """The method in pictures (pixel space): for one sample of each of the first `rows` classes, the
     sampled base, up(base), the sampled residual (amplified) and the final image, side by side."""
     import jax.numpy as jnp
 
-    from msf_jax import figures, stages
-    from msf_jax.pipeline import residual_condition, sample_stage, stage_keys
-    from msf_jax.sample import pixels_to_uint8, sample_keys
+    from msf_jax import figures, pipeline
 
     n = min(rows, config.data.num_classes)
     labels = jnp.arange(n, dtype=jnp.int32)
-    keys = sample_keys(config.seed, np.arange(n))  # the same per-index keys as the samples above
-    shapes = factorizer.component_shapes(stages.data_shape(config))
-    fns = {k: stages.model_function(m) for k, m in models.items()}
-    level = (config.residual_cond.sample_level * stages.COND_NOISE_STEPS
-             if config.residual_cond.noise_augment else None)
+    keys = pipeline.sample_keys(config.seed, np.arange(n))  # the same per-index keys as the samples above
+    factorizer = stage_list[0].factorizer
 
     @jax.jit
-    def components():  # as pipeline.sample_msf, keeping the parts
-        base = sample_stage(fns["base"], config.base, shapes[0], labels, stage_keys(keys, 0), config.data.num_classes)
-        cond = residual_condition(factorizer, [base], level, keys)
-        residual = sample_stage(fns["residual"], config.residual, shapes[1], labels, stage_keys(keys, 1),
-                                config.data.num_classes, cond=cond,
-                                cond_level=None if level is None else jnp.full((n,), level, jnp.float32))
-        up = factorizer.merge(base, jnp.zeros_like(residual))  # unstandardized up(base)
-        final = factorizer.merge(base, residual)
-        f = config.factorizer.factor
+    def components():  # pipeline.sample, keeping the parts
+        final, parts = pipeline.sample(stage_list, models, labels, keys, return_components=True)
+        up = parts["partials"][0]  # unstandardized up(base) at full resolution
+        f = factorizer.factor ** factorizer.levels
         low = up.reshape(n, up.shape[1] // f, f, up.shape[2] // f, f, -1).mean(axis=(2, 4))  # the base itself
-        return pixels_to_uint8(low), pixels_to_uint8(up), final - up, pixels_to_uint8(final)
+        to_uint8 = pipeline.pixels_to_uint8
+        return to_uint8(low), to_uint8(up), final - up, to_uint8(final)
 
     low, up, residual, final = (np.asarray(x) for x in components())
     fig = figures.components_figure(low, up, residual, final, row_labels=[f"class {c}" for c in range(n)])
