@@ -97,16 +97,17 @@ def sample(job):
     config = tiny_config()
     config.sample.outputs = "npz,tfrecord"
     factorizer = Factorizer.from_config(config.factorizer)
+    stage_list = stages.build_stages(config, factorizer)
     models = {}
     for i, stage in enumerate(("base", "residual")):
-        model = stages.build_model(config, stage, stages.stage_spec(config, stage, factorizer), seed=i)
+        model = stage_list[i].build_model(seed=i)
         state = nnx.state(model, nnx.Param)
         leaves, treedef = jax.tree.flatten(state)
         keys = jax.random.split(jax.random.key(10 + i), len(leaves))
         nnx.update(model, jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
                                                        for x, k in zip(leaves, keys)]))
         models[stage] = model
-    generator = sample_lib.Generator(config, models, factorizer)
+    generator = sample_lib.Generator(config, stage_list, models)
     seen = []
 
     def counting(indices, labels):
