@@ -77,11 +77,12 @@ def restore(job):
     from msf_jax import checkpoint as ckpt_lib
     from msf_jax import sharding
     from msf_jax import train as train_lib
+    from msf_jax.stats import resolve_stats
     from tests.tiny import tiny_config
 
     config = tiny_config("base", num_steps=job["steps"])
     trainer = train_lib.Trainer(config, sharding.create_mesh(config.mesh),
-                                train_lib.load_or_measure_stats(config, job["workdir"]))
+                                resolve_stats(config, job["workdir"], measure=False))
     checkpointer = ckpt_lib.RunCheckpointer(job["workdir"])
     _, state = checkpointer.restore(trainer.abstract_state, ckpt_lib.config_to_dict(config), job.get("step"))
     checkpointer.close()
