@@ -60,8 +60,9 @@ def test_three_level_pyramid_trains_samples_and_composes_exactly(tmp_path):
     np.testing.assert_allclose(np.asarray(fz.compose(fz.decompose(z))), np.asarray(z), rtol=1e-5, atol=1e-5 * scale)
     parts_z = fz.decompose(z)
     for again, comp in zip(fz.decompose(fz.compose(parts_z)), parts_z):
-        np.testing.assert_allclose(np.asarray(again), np.asarray(comp), rtol=1e-5,
-                                   atol=1e-5 * float(np.abs(np.asarray(comp)).max()))
+        # float32 rounding of z (|z| reaches ~200 for these 2-step models; observed 7.7e-5), so the
+        # tolerance scales with z, as for compose(decompose(z)) above.
+        np.testing.assert_allclose(np.asarray(again), np.asarray(comp), rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_array_equal(np.asarray(parts["partials"][-1]), np.asarray(z))
     # The generator drew the same samples (another compilation may round a pixel differently).
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
