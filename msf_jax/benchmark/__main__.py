@@ -83,7 +83,7 @@ def _sample(args, preset):
     out["msf_vs_dit"] = cmp
     print_table("sampling: MSF vs DiT", [cmp], ["dit", "msf", "batch", "dit_s_per_image", "msf_s_per_image",
                                                 "wall_ratio", "xla_flop_ratio", "analytic_flop_ratio",
-                                                "wall_vs_flop"])
+                                                "wall_vs_flop", "wall_vs_analytic"])
     if preset.scan_steps:
         out["scan_overhead"] = sampling.scan_overhead(sampling.Stage(d, preset.scan_steps, g), batch=batch,
                                                       iters=preset.sample_iters)
