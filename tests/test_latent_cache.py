@@ -265,4 +265,4 @@ def test_train_base_stage_on_the_cache(folder, vae, tmp_path):
     assert (tmp_path / "work" / "factor_stats.json").read_text() == (cache / lc.STATS_FILE).read_text()
     assert summary["step"] == 2
     assert np.isfinite(summary["metrics"]["loss"])
-    assert summary["trainer"].spec.target_shape == (2, 2, 4)
+    assert summary["trainer"].stage.target_shape == (2, 2, 4)

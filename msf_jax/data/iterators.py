@@ -103,6 +103,6 @@ def build_iterator(source, example_fn: Callable[[Any, np.random.Generator], dict
     ds = order.HostBatches(len(source), seed=seed, global_batch_size=batch_size * process_count,
                            process_index=process_index, process_count=process_count, start=start)
     ds = ds.map(functools.partial(order.read_batch, source=source, example_fn=example_fn, seed=seed,
-                                  num_reasons=len(SKIP_REASONS)))
+                                  reason_names=SKIP_REASONS))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(4, read_threads)))
     return finish(ds, num_workers, postprocess, ignored_files)

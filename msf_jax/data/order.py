@@ -109,12 +109,12 @@ def flips(seed: int, positions: np.ndarray) -> np.ndarray:
 
 
 def read_batch(element: dict[str, np.ndarray], *, source, example_fn, seed: int,
-               num_reasons: int) -> dict[str, np.ndarray]:
+               reason_names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """One host batch: example_fn(source[index], example_rng(seed, position)) for each position.
 
     `example_fn` returns a dict of arrays plus 'reason' (0 = keep). A skipped example is replaced by a
     kept one of the same batch (cyclically), so the batch stays full and remains a pure function of its
-    positions; 'skip_counts' (num_reasons,) counts the examples read by reason.
+    positions; 'skip_counts' (len(reason_names),) counts the examples read by reason (0 = kept).
     """
     examples, reasons = [], []
     for position, index in zip(element["position"], element["index"]):
@@ -124,9 +124,11 @@ def read_batch(element: dict[str, np.ndarray], *, source, example_fn, seed: int,
     kept = [e for e, r in zip(examples, reasons) if r == 0]
     if not kept:
         first, last = int(element["position"][0]), int(element["position"][-1])
+        counts = np.bincount(np.asarray(reasons), minlength=len(reason_names))
+        why = ", ".join(f"{n} {reason_names[r]}" for r, n in enumerate(counts) if n)
         raise NoUsableExamplesError(
-            f"no usable examples: every example of global positions {first}..{last} was skipped (reasons "
-            f"{reasons}); is the dataset readable, and are the images large enough (data.min_image_side)?")
+            f"no usable examples: all {len(reasons)} examples at global positions {first}..{last} were skipped "
+            f"({why}); is the dataset readable, and are the images large enough (data.min_image_side)?")
     filled, j = [], 0
     for e, r in zip(examples, reasons):
         if r == 0:
@@ -135,5 +137,5 @@ def read_batch(element: dict[str, np.ndarray], *, source, example_fn, seed: int,
             filled.append(kept[j % len(kept)])
             j += 1
     batch = {k: np.stack([e[k] for e in filled]) for k in filled[0]}
-    batch["skip_counts"] = np.bincount(np.asarray(reasons), minlength=num_reasons).astype(np.int64)
+    batch["skip_counts"] = np.bincount(np.asarray(reasons), minlength=len(reason_names)).astype(np.int64)
     return batch
