@@ -64,9 +64,10 @@ def _run_mode(mode: str, config, workdir: str) -> None:
 
 
 class _LibraryInfoFilter(py_logging.Filter):
-    """Drops the INFO chatter of libraries (orbax logs ~60 lines per checkpoint) unless --verbosity>=1."""
+    """Drops the INFO chatter of libraries (orbax logs ~60 lines per checkpoint; JAX's backend probe
+    says "Unable to initialize backend 'tpu'" on every machine without one) unless --verbosity>=1."""
 
-    QUIET = (f"{os.sep}orbax{os.sep}",)
+    QUIET = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}xla_bridge.py")
 
     def filter(self, record) -> bool:
         if record.levelno >= py_logging.WARNING or logging.get_verbosity() > logging.INFO:
