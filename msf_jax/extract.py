@@ -13,8 +13,8 @@ The cache format, file names and reader live in `msf_jax.data.latent_cache`; thi
     data.cache_batch_size images at a time, each batch encoded together with its flips (2x images
     per call, padded to the device count).
   * Resumable and atomic (`msf_jax.paths.committed`): a shard is written to a local `.tmp` and renamed
-    (locally) or uploaded (gs://) into place, after its sidecar (record count, skip counts), then its
-    commit marker. A committed shard is skipped; a partial one is rewritten from scratch. Rerunning
+    (locally) or uploaded (gs://, then its commit marker) into place, after its sidecar (record count,
+    skip counts). A committed shard is skipped; a partial one is rewritten from scratch. Rerunning
     an interrupted extraction gives byte-identical shards to an uninterrupted one (same devices,
     batch size). cache_dir may be gs://… or a directory every host sees (NFS, ...), since host 0
     reads every host's sidecars.
@@ -155,7 +155,7 @@ def _write_shard(path: str, sidecar: str, source, indices: range, decode, encode
     """Encodes one shard into a local `.tmp`, writes its sidecar, then commits the shard (`paths.committed`)."""
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
 
-    with paths.committed(path) as tmp:  # local file: renamed or uploaded, then marked, on success
+    with paths.committed(path) as tmp:  # local file: renamed, or uploaded then marked, on success
         if os.path.exists(tmp):
             os.remove(tmp)  # left by a killed run: rewrite the shard from scratch
         writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)

@@ -55,7 +55,7 @@ class FactorStats:
         object.__setattr__(self, "stds", stds)
 
     def save(self, path: str) -> None:
-        """Writes the JSON file (local or gs://), then its commit marker (`paths.committed`)."""
+        """Writes the JSON file (local or gs://) through `paths.committed`."""
         paths.write_committed_json(path, {"means": [m.tolist() for m in self.means],
                                           "stds": [s.tolist() for s in self.stds]}, indent=None)
 

@@ -1,9 +1,9 @@
 """Writing samples: PNG grids, TFRecord shards of tf.train.Example, and ADM-evaluator `.npz` files.
 
-Every writer goes through `paths.committed`: locally the file is written to `name.tmp` and renamed,
-on object stores (gs://) uploaded whole; either way a `name.committed` marker is written last, and
-resuming code trusts only committed files (`paths.is_committed`). The `.npz` is streamed shard by shard, so 50,000 images at 512 px do not
-need to fit in memory.
+Every writer goes through `paths.committed`: locally the file is written to `name.tmp` and renamed
+(the rename is the commit), on object stores (gs://) uploaded whole and then marked by a
+`name.committed` file; resuming code trusts only committed files (`paths.is_committed`). The `.npz`
+is streamed shard by shard, so 50,000 images at 512 px do not need to fit in memory.
 """
 
 from __future__ import annotations

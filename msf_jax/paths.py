@@ -8,8 +8,8 @@ Object stores have no atomic rename, so finished outputs are marked by a COMMIT 
 written first, then a small `<name>.committed` file last. Readers that resume work (`is_committed`)
 trust only committed files; on an object store a file without its marker (a writer killed midway)
 is redone. Locally the file is written to `<name>.tmp` and renamed into place, which is atomic, so
-there a file under its final name is complete (also those of older runs, written before markers);
-the marker is written all the same.
+there a file under its final name is complete and needs no marker (none is written: local run
+directories hold only their outputs).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def uncommit(p: str) -> None:
 
 @contextlib.contextmanager
 def committed(p: str, unique: bool = False) -> Iterator[str]:
-    """Yields a LOCAL filename to write `p`'s content to; on success it becomes `p`, then the marker.
+    """Yields a LOCAL filename to write `p`'s content to; on success it becomes `p` (then, remotely, the marker).
 
     Local: `p.tmp` (`p.tmp.<pid>` with `unique`, for files several hosts may write at once) renamed
     onto `p`; a killed or failed writer leaves only the `.tmp`. Remote: a local temporary file
@@ -151,9 +151,10 @@ def committed(p: str, unique: bool = False) -> Iterator[str]:
             makedirs(dirname(p))
             epath.Path(tmp).copy(epath.Path(p), overwrite=True)
         else:
-            os.replace(tmp, p)
-        with path(marker(p)).open("w") as f:
-            json.dump({"committed": basename(p)}, f)  # deterministic: reruns give identical directories
+            os.replace(tmp, p)  # the commit, locally
+        if is_remote(p):
+            with path(marker(p)).open("w") as f:
+                json.dump({"committed": basename(p)}, f)  # deterministic: reruns give identical directories
     finally:
         if is_remote(p) and os.path.exists(tmp):
             os.remove(tmp)

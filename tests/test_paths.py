@@ -36,7 +36,7 @@ def test_local_paths_unchanged(tmp_path, monkeypatch):
     assert paths.join("runs/a", "checkpoints") == os.path.join("runs/a", "checkpoints")
     out = paths.write_committed_json("runs/a/x.json", {"a": 1})
     assert (tmp_path / "runs/a/x.json").read_text() == '{\n "a": 1\n}'
-    assert paths.is_committed(out) and sorted(os.listdir(tmp_path / "runs/a")) == ["x.json", "x.json.committed"]
+    assert paths.is_committed(out) and sorted(os.listdir(tmp_path / "runs/a")) == ["x.json"]  # no local marker
 
 
 def test_urls_pass_unchanged():

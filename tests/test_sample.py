@@ -93,9 +93,9 @@ def test_files_resume_npz_and_tfrecord(setup, tmp_path):
 
     with pytest.raises(Killed):
         sample_lib.sample_to_files(config, str(tmp_path / "resumed"), generator=dying)
-    # Only the first part is committed (its marker written last); the rest is redone.
-    assert sorted(os.listdir(tmp_path / "resumed" / "samples" / "parts")) == ["part-00000.npz",
-                                                                              "part-00000.npz.committed"]
+    # Only the first part is committed (renamed into place; remotely its marker is written last); the
+    # rest is redone.
+    assert sorted(os.listdir(tmp_path / "resumed" / "samples" / "parts")) == ["part-00000.npz"]
     resumed = sample_lib.sample_to_files(config, str(tmp_path / "resumed"), generator=gen)
 
     a, b = np.load(full["npz"]), np.load(resumed["npz"])
