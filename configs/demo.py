@@ -8,9 +8,11 @@ was chosen by measurement on 2 cores:
   - lr 1e-3 with 100 warmup steps, clipping at 1, EMA 0.995;
   - base and residual DiTs of 4 blocks, width 128, 64 tokens each (base patch 2 at 16x16, residual
     patch 4 at 32x32), batch 64, 800 steps per stage.
-Measured (2 cores, nothing else running, `msf-jax --mode=demo`): ~3.5 steps/s per stage, 240 s per
-stage, 52-64 s to sample 400 images, 536-574 s in all; SWD to real images 78.9 for samples, 9.2 for other
-real images, 143.1 for noise. 1200 steps per stage reached 65.3 in about 13 minutes.
+Measured (2 cores, nothing else running, `msf-jax --mode=demo`, earlier code): ~3.5 steps/s per
+stage, 240 s per stage, 52-64 s to sample 400 images, 536-574 s in all; SWD to real images 78.9 for
+samples, 9.2 for other real images, 143.1 for noise; 1200 steps per stage reached 65.3 in about 13
+minutes. On the final code (full Heun, global data order) with 12 + 6 steps: SWD 74.9 (400 samples);
+the sampling steps below come from the sweep in README ("The demo's cost/quality front").
 """
 
 import ml_collections
