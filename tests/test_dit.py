@@ -11,7 +11,8 @@ from msf_jax import axes
 from msf_jax.convert import __main__ as convert_cli
 from msf_jax.convert.common import ConversionError, flatten, load_into_model, unflatten
 from msf_jax.convert.dit import convert_diffusers_dit, convert_official_dit, infer_config, load_dit
-from msf_jax.models.dit import DIT_CONFIGS, DiT, dit_flops_per_example, dit_from_config
+from msf_jax.models.dit import (CONFIG_FIELDS, DIT_CONFIGS, DiT, config_defaults, dit_flops_per_example,
+                                dit_from_config)
 
 # Two small diffusers configs: (layers, heads, head_dim, patch, sample_size, in_channels, classes).
 PARITY_CONFIGS = [(2, 4, 16, 2, 8, 4, 10), (3, 2, 24, 4, 16, 3, 7)]
@@ -323,6 +324,39 @@ def test_registry_and_flops():
     xl = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16)
     assert abs(dit_flops_per_example(xl) / 2e9 - 118.6) < 0.5
     assert dit_flops_per_example(model) == dit_flops_per_example(model.config)
+
+
+def test_defaults_stated_once():
+    """configs/default.py's DiT fields, dit_from_config's fallbacks and DiT's signature agree: a default
+    changed in DiT.__init__ changes everywhere (a literal repeated elsewhere would fail here)."""
+    import inspect
+
+    from configs.default import stage_config
+
+    sig = {p.name: p.default for p in inspect.signature(DiT.__init__).parameters.values()}
+    stream_dtypes = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+    model_cfg = stage_config("DiT-S/8").model
+    assert set(CONFIG_FIELDS) == set(config_defaults()) and set(CONFIG_FIELDS) <= set(model_cfg)
+    for field in CONFIG_FIELDS:
+        value = stream_dtypes[model_cfg[field]] if field == "stream_dtype" else model_cfg[field]
+        assert value == sig[field] and type(value) is type(sig[field]), (field, value, sig[field])
+    # The fields left out, None or "" fall back to the same defaults; the default config builds the same.
+    for cfg in ({"name": "DiT-S/8"}, {"name": "DiT-S/8", **{f: None for f in CONFIG_FIELDS}}, model_cfg):
+        model = nnx.eval_shape(lambda: dit_from_config(cfg, input_size=16, in_channels=4, num_classes=10,
+                                                       rngs=nnx.Rngs(0)))
+        built = dict(mlp_ratio=model.mlp_ratio, class_dropout_prob=model.class_dropout_prob,
+                     learn_sigma=model.learn_sigma, attention=model.blocks[0].attn.impl,
+                     remat_policy=model.remat_policy, stream_dtype=None if model.stream_dtype is model.dtype
+                     else model.stream_dtype)
+        assert built == {f: sig[f] for f in CONFIG_FIELDS}, cfg
+    # Explicit values still win (0 and False are values, not "unset").
+    model = nnx.eval_shape(lambda: dit_from_config(
+        {"name": "DiT-S/8", "class_dropout_prob": 0.0, "learn_sigma": False, "stream_dtype": "float32"},
+        input_size=16, in_channels=4, num_classes=10, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    assert (model.class_dropout_prob, model.learn_sigma, model.stream_dtype) == (0.0, False, jnp.float32)
+    with pytest.raises(ValueError, match="stream_dtype"):
+        dit_from_config({"name": "DiT-S/8", "stream_dtype": "fp8"}, input_size=16, in_channels=4,
+                        num_classes=10, rngs=nnx.Rngs(0))
 
 
 def test_bf16_and_remat():

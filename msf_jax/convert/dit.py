@@ -29,7 +29,7 @@ from flax import nnx
 
 from msf_jax.convert.common import (ConversionError, _short, describe_problems, flatten, load_into_model,
                                     load_params, read_torch_state_dict, save_params, state_shapes, unflatten)
-from msf_jax.models.dit import DIT_CONFIGS, DiT, get_2d_sincos_pos_embed
+from msf_jax.models.dit import DIT_CONFIGS, DiT, dit_defaults, get_2d_sincos_pos_embed
 
 _CONFIG_TYPES = dict(input_size=int, patch_size=int, in_channels=int, hidden_size=int, depth=int,
                      num_heads=int, mlp_ratio=float, class_dropout_prob=float, num_classes=int,
@@ -165,6 +165,7 @@ def infer_config(state_dict: Mapping[str, Any], fmt: str | None = None, model: s
     (e.g. a diffusers config.json mapped to our names). Explicit options win over hints."""
     fmt = fmt or detect_format(state_dict)
     given = {**dict(hints or {}), **parse_model_arg(model)}
+    defaults = dit_defaults()
     notes: list[str] = []
     if fmt == "official":
         patch_key, block_re = "x_embedder.proj.weight", r"blocks\.(\d+)\."
@@ -185,7 +186,7 @@ def infer_config(state_dict: Mapping[str, Any], fmt: str | None = None, model: s
     rows = int(_need(state_dict, table_key)[0])
     mlp_hidden = int(_need(state_dict, fc1_key)[0])
 
-    cond_channels = int(given.get("cond_channels", 0))
+    cond_channels = int(given.get("cond_channels", defaults["cond_channels"]))
     in_channels = patch_in - cond_channels
     if out_features % (patch * patch):
         raise ConversionError(f"{final_key}: {out_features} outputs not a multiple of patch² = {patch * patch}")
@@ -197,7 +198,7 @@ def infer_config(state_dict: Mapping[str, Any], fmt: str | None = None, model: s
     else:
         raise ConversionError(f"output channels {out_channels} are neither the input channels {in_channels} "
                               "nor twice them (learned sigma)")
-    dropout = float(given.get("class_dropout_prob", 0.1))
+    dropout = float(given.get("class_dropout_prob", defaults["class_dropout_prob"]))
     num_classes = rows - int(dropout > 0)
 
     for key, value in (("depth", depth), ("hidden_size", hidden), ("patch_size", patch)):
@@ -232,7 +233,8 @@ def infer_config(state_dict: Mapping[str, Any], fmt: str | None = None, model: s
                   depth=depth, num_heads=int(num_heads), mlp_ratio=float(given.get("mlp_ratio",
                                                                                    mlp_hidden / hidden)),
                   class_dropout_prob=dropout, num_classes=num_classes, learn_sigma=learn_sigma,
-                  cond_channels=cond_channels, noise_cond=bool(given.get("noise_cond", False)),
+                  cond_channels=cond_channels, noise_cond=bool(given.get("noise_cond", defaults["noise_cond"])),
+                  # 0 = the official convention (module docstring), whatever DiT's default is
                   timestep_freq_shift=int(given.get("timestep_freq_shift", 0)))
     if config["noise_cond"]:
         raise ConversionError("noise_cond models have no official/diffusers layout to convert from")

@@ -18,6 +18,7 @@ Parameter names follow the official checkpoint (x_embedder, t_embedder, y_embedd
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Mapping
 
 import jax
@@ -55,7 +56,7 @@ def _modulate(x, shift, scale):
 class Attention(nnx.Module):
     """Multi-head self-attention with a fused qkv projection (timm layout: [q | k | v], heads-major)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, *, attention: str = "auto", dtype, param_dtype,
+    def __init__(self, hidden_size: int, num_heads: int, *, attention: str, dtype, param_dtype,
                  rngs: nnx.Rngs):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} not divisible by num_heads {num_heads}")
@@ -96,7 +97,7 @@ class DiTBlock(nnx.Module):
     float32 stream): each branch reads x cast to the compute dtype and is added back in x's dtype.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, *, attention: str = "auto",
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, *, attention: str,
                  dtype, param_dtype, rngs: nnx.Rngs):
         self.dtype = dtype
         self.attn = Attention(hidden_size, num_heads, attention=attention, dtype=dtype, param_dtype=param_dtype,
@@ -155,7 +156,10 @@ class DiT(nnx.Module):
                  param_dtype: Any = jnp.float32, remat: bool = False,
                  remat_policy: str = "nothing_saveable", attention: str = "auto",
                  stream_dtype: Any = None, rngs: nnx.Rngs):
-        """Fast-path switches (numerics equal up to rounding, not architecture): `attention` (one of
+        """The keyword defaults here are the project's only statement of them: `dit_from_config`,
+        configs/default.py and msf_jax.convert read them through `dit_defaults()`.
+
+        Fast-path switches (numerics equal up to rounding, not architecture): `attention` (one of
         msf_jax.models.attention.ATTENTION_IMPLS), `remat` + `remat_policy` (REMAT_POLICIES), and
         `stream_dtype` (residual stream dtype; None = the compute `dtype`)."""
         if input_size % patch_size:
@@ -282,15 +286,36 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default) if hasattr(cfg, name) else default
 
 
+def dit_defaults() -> dict[str, Any]:
+    """DiT's keyword defaults, read from its signature: {"mlp_ratio": 4.0, "learn_sigma": True, ...}."""
+    params = inspect.signature(DiT.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not p.empty}
+
+
+# Fields of a stage's `model` config (configs/default.py) that default to DiT's keyword defaults, and the
+# config spelling of stream_dtype (a dtype name; "" = None = the compute dtype).
+CONFIG_FIELDS = ("mlp_ratio", "class_dropout_prob", "learn_sigma", "attention", "remat_policy", "stream_dtype")
+_STREAM_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def config_defaults() -> dict[str, Any]:
+    """The CONFIG_FIELDS defaults in config form (configs/default.py declares its fields with these)."""
+    defaults = dit_defaults()
+    out = {field: defaults[field] for field in CONFIG_FIELDS}
+    out["stream_dtype"] = next(k for k, v in _STREAM_DTYPES.items() if v is out["stream_dtype"])
+    return out
+
+
 def dit_from_config(model_cfg: Any, *, input_size: int, in_channels: int, num_classes: int,
                     cond_channels: int = 0, noise_cond: bool = False, dtype: Any = jnp.float32,
                     remat: bool = False, rngs: nnx.Rngs) -> DiT:
     """Builds a DiT from a config (ConfigDict or dict).
 
     Fields: name (a DIT_CONFIGS key, or "custom"/"" to give every size field), depth, hidden_size,
-    num_heads, patch_size (each 0/None = the registry value), mlp_ratio (4), class_dropout_prob (0.1),
-    learn_sigma (True); fast paths: attention ("auto"), remat_policy ("nothing_saveable", used when
-    `remat`), stream_dtype ("" = the compute dtype, or "float32"). param_dtype is always float32.
+    num_heads, patch_size (each 0/None = the registry value), and CONFIG_FIELDS (None, or "" for the
+    string ones, = DiT's default): mlp_ratio, class_dropout_prob, learn_sigma; fast paths: attention,
+    remat_policy (used when `remat`), stream_dtype ("" = the compute dtype, or "float32").
+    param_dtype is always float32.
     """
     name = _get(model_cfg, "name", "") or "custom"
     if name in DIT_CONFIGS:
@@ -305,20 +330,18 @@ def dit_from_config(model_cfg: Any, *, input_size: int, in_channels: int, num_cl
             arch[field] = int(value)
         elif field not in arch:
             raise ValueError(f"model config {name!r}: {field} must be set (no registry value)")
-    mlp_ratio = _get(model_cfg, "mlp_ratio", None)
-    dropout = _get(model_cfg, "class_dropout_prob", None)
-    learn_sigma = _get(model_cfg, "learn_sigma", None)
+    opts = config_defaults()
+    for field, cast in (("mlp_ratio", float), ("class_dropout_prob", float), ("learn_sigma", bool),
+                        ("attention", str), ("remat_policy", str), ("stream_dtype", str)):
+        value = _get(model_cfg, field, None)
+        if value is not None and not (cast is str and value == ""):
+            opts[field] = cast(value)
+    if opts["stream_dtype"] not in _STREAM_DTYPES:
+        raise ValueError(f"stream_dtype must be one of {list(_STREAM_DTYPES)}, got {opts['stream_dtype']!r}")
+    opts["stream_dtype"] = _STREAM_DTYPES[opts["stream_dtype"]]
     return DiT(input_size=input_size, in_channels=in_channels, num_classes=num_classes,
-               mlp_ratio=4.0 if mlp_ratio is None else float(mlp_ratio),
-               class_dropout_prob=0.1 if dropout is None else float(dropout),
-               learn_sigma=True if learn_sigma is None else bool(learn_sigma),
                cond_channels=cond_channels, noise_cond=noise_cond, dtype=dtype, remat=remat, rngs=rngs,
-               attention=_get(model_cfg, "attention", None) or "auto",
-               remat_policy=_get(model_cfg, "remat_policy", None) or "nothing_saveable",
-               stream_dtype=_STREAM_DTYPES[_get(model_cfg, "stream_dtype", None) or ""], **arch)
-
-
-_STREAM_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+               **opts, **arch)
 
 
 def dit_flops_per_example(model: DiT | Mapping[str, Any]) -> float:
@@ -326,18 +349,18 @@ def dit_flops_per_example(model: DiT | Mapping[str, Any]) -> float:
 
     Accepts a DiT or its constructor kwargs (`DiT.config`). Training step ~ 3x this (forward + backward).
     """
-    cfg = model.config if isinstance(model, DiT) else dict(model)
+    cfg = model.config if isinstance(model, DiT) else {**dit_defaults(), **model}
     d, p, depth = cfg["hidden_size"], cfg["patch_size"], cfg["depth"]
     tokens = (cfg["input_size"] // p) ** 2
-    c_in = cfg["in_channels"] + cfg.get("cond_channels", 0)
-    c_out = cfg["in_channels"] * (2 if cfg.get("learn_sigma", True) else 1)
-    mlp = int(d * cfg.get("mlp_ratio", 4.0))
+    c_in = cfg["in_channels"] + cfg["cond_channels"]
+    c_out = cfg["in_channels"] * (2 if cfg["learn_sigma"] else 1)
+    mlp = int(d * cfg["mlp_ratio"])
     per_block = (2 * tokens * d * 3 * d  # qkv
                  + 2 * 2 * tokens * tokens * d  # q k^T and attn @ v
                  + 2 * tokens * d * d  # attention output projection
                  + 2 * 2 * tokens * d * mlp  # fc1, fc2
                  + 2 * d * 6 * d)  # adaLN modulation (per example)
-    n_embedders = 2 if cfg.get("noise_cond", False) else 1
+    n_embedders = 2 if cfg["noise_cond"] else 1
     embed = (2 * tokens * c_in * p * p * d  # patch embedding
              + n_embedders * (2 * FREQ_EMBED_SIZE * d + 2 * d * d))  # timestep MLP(s)
     final = 2 * d * 2 * d + 2 * tokens * d * p * p * c_out
