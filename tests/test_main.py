@@ -11,7 +11,9 @@ from tests.tiny import tiny_config
 def _run_main(monkeypatch, tmp_path, config):
     """main.main as `--mode=extract_latents --workdir=tmp_path` with `config` (flags stubbed)."""
     monkeypatch.delenv("MSF_JAX_TRACEBACK", raising=False)
-    for name, value in (("_CONFIG", config), ("_MODE", "extract_latents"), ("_WORKDIR", str(tmp_path))):
+    for name, value in (("_CONFIG", config), ("_MODE", "extract_latents"), ("_WORKDIR", str(tmp_path)),
+                        ("_COMPILATION_CACHE", ""), ("_COORDINATOR", None), ("_NUM_PROCESSES", None),
+                        ("_PROCESS_ID", None)):
         monkeypatch.setattr(main, name, types.SimpleNamespace(value=value))
     main.main(["msf_jax"])
 
