@@ -19,7 +19,6 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -122,19 +121,10 @@ def sample(job):
 
 def extract(job):
     from msf_jax import extract as lc
-    from msf_jax.models import vae as vae_lib
     from configs import default
+    from tests.tiny import tiny_vae
 
-    abstract = nnx.eval_shape(lambda: vae_lib.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                                                            norm_num_groups=4, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(0)
-
-    def init(path, x):
-        w = rng.normal(0.0, 0.1, x.shape).astype(np.float32)
-        return jnp.asarray(w + 1.0 if "scale" in jax.tree_util.keystr(path) else w)
-
-    vae = nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+    vae = tiny_vae()
     config = default.get_config()
     d = config.data
     d.source, d.folder, d.cache_dir = "folder", job["folder"], job["workdir"]

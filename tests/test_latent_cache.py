@@ -6,10 +6,8 @@ import os
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from configs import default
@@ -19,7 +17,7 @@ from msf_jax.data import latent_cache as lc
 from msf_jax.data import sources
 from msf_jax.factorize import FactorStats
 from msf_jax.models import vae as vae_lib
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, tiny_vae
 
 NUM_GOOD = 12
 
@@ -41,21 +39,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae():
-    """A random VAE with four levels: factor 8 and 4 latent channels, like the SD VAE (32 px -> 4x4x4).
-
-    Parameters are drawn with numpy into an abstract model: nnx's own initializers compile one XLA
-    program per parameter shape (~10 s on two cores), for nothing this test needs.
-    """
-    abstract = nnx.eval_shape(lambda: vae_lib.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1,
-                                                            norm_num_groups=4, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    rng = np.random.default_rng(0)
-
-    def init(path, x):
-        w = rng.normal(0.0, 0.1, x.shape).astype(np.float32)
-        return jnp.asarray(w + 1.0 if "scale" in jax.tree_util.keystr(path) else w)  # GroupNorm scales ~1
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
+    return tiny_vae()
 
 
 def make_config(folder, cache_dir, **data):

@@ -1,6 +1,13 @@
-"""Tiny configs shared by the tests: 16x16 pixel-space synthetic data and one-block DiTs."""
+"""Tiny builders shared by the tests: configs (16x16 pixel-space synthetic data, one-block DiTs) and a
+random VAE."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from configs import default
+from msf_jax.models import vae as vae_lib
 
 
 def tiny_config(stage: str = "base", **train_overrides):
@@ -36,3 +43,21 @@ def tiny_config(stage: str = "base", **train_overrides):
     config.sample.num_samples = 10
     config.sample.shard_size = 4
     return config
+
+
+def tiny_vae(seed: int = 0) -> vae_lib.AutoencoderKL:
+    """A random VAE with four levels: factor 8 and 4 latent channels, like the SD VAE (32 px -> 4x4x4).
+
+    Parameters are drawn with numpy into an abstract model: nnx's own initializers compile one XLA
+    program per parameter shape (~10 s on two cores), for nothing the tests need.
+    """
+    abstract = nnx.eval_shape(lambda: vae_lib.AutoencoderKL(block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+                                                            norm_num_groups=4, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    rng = np.random.default_rng(seed)
+
+    def init(path, x):
+        w = rng.normal(0.0, 0.1, x.shape).astype(np.float32)
+        return jnp.asarray(w + 1.0 if "scale" in jax.tree_util.keystr(path) else w)  # GroupNorm scales ~1
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(init, state))
