@@ -11,7 +11,9 @@ mismatch is one line naming the differing settings rather than a shape error dee
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging as py_logging
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -128,6 +130,40 @@ class RunCheckpointer:
         self.manager.close()
 
 
+class _DropReadOnlyNotice(py_logging.Filter):
+    """Drops orbax's "Given directory is read only=..." warning: CheckpointManager logs it on every
+    read_only=True open, whatever the options, and reading a run's checkpoints is nothing to warn about."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
+@contextlib.contextmanager
+def _quiet_read_only_open():
+    logger = py_logging.getLogger("absl")  # orbax logs through absl.logging
+    notice = _DropReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    """A CheckpointManager that only reads {state, config} (no save, no cleanup, creates nothing).
+
+    The options orbax would otherwise override for read_only=True (with one warning each) are given
+    their read-only values here.
+    """
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None,
+                                           create=False, cleanup_tmp_directories=False)
+    with _quiet_read_only_open():
+        return ocp.CheckpointManager(
+            directory, item_names=("state", "config"),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
+            options=options)
+
+
 def restore_state_items(workdir: str, abstract_items: dict[str, Any], config_dict: dict,
                         step: int | None = None) -> tuple[int, dict[str, Any]]:
     """Reads only some items of a run's train state, e.g. {"ema": ..., "rest": ...} for sampling.
@@ -139,10 +175,7 @@ def restore_state_items(workdir: str, abstract_items: dict[str, Any], config_dic
     directory = paths.join(paths.abspath(workdir), "checkpoints")  # gs://… passes unchanged
     if not paths.isdir(directory):
         raise FileNotFoundError(f"no checkpoints under {directory}")
-    manager = ocp.CheckpointManager(
-        directory, item_names=("state", "config"),
-        item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = _read_only_manager(directory)
     try:
         step = manager.latest_step() if step is None else step
         if step is None:

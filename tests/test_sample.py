@@ -1,11 +1,13 @@
 """Sampling to files: per-index determinism, resumability, ADM npz and TFRecord round trips."""
 
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -187,8 +189,9 @@ def test_latent_space_samples_are_decoded_by_the_vae(tmp_path):
     assert np.abs(np.asarray(direct).astype(int) - images.astype(int)).max() <= 1
 
 
-def test_sampling_from_a_workdir_reads_only_the_ema_weights(tmp_path, monkeypatch):
-    """No trainer, no params, no optimizer moments: a partial restore of the EMA item (~1x params)."""
+def test_sampling_from_a_workdir_reads_only_the_ema_weights(tmp_path, monkeypatch, caplog):
+    """No trainer, no params, no optimizer moments: a partial restore of the EMA item (~1x params),
+    and no orbax warnings (its read-only CheckpointManager warns about every option it overrides)."""
     from msf_jax import checkpoint as ckpt_lib
     from msf_jax import train
 
@@ -206,7 +209,13 @@ def test_sampling_from_a_workdir_reads_only_the_ema_weights(tmp_path, monkeypatc
         return step, items
 
     monkeypatch.setattr(ckpt_lib, "restore_state_items", spy)
-    model = sample_lib.load_stage_model(config, stages.make_stage(config, "base"), str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        absl_logging.warning("capture probe")  # absl (which orbax logs through) reaches caplog
+        model = sample_lib.load_stage_model(config, stages.make_stage(config, "base"), str(tmp_path))
+    messages = [r.getMessage() for r in caplog.records]
+    assert "capture probe" in messages
+    assert not [m for m in messages if "read only" in m or "read_only" in m], messages
+    assert not [r.getMessage() for r in caplog.records if f"{os.sep}orbax{os.sep}" in r.pathname]
     assert set(seen["target"]) == set(seen["restored"]) == {"ema"}  # the only item asked for and read
     restored = jax.tree.leaves(seen["restored"])
     assert len(restored) == len(ema) and sum(x.nbytes for x in restored) == sum(x.nbytes for x in ema)
