@@ -52,6 +52,9 @@ def test_every_section_tiny(tmp_path):
     assert all(r["temp_gib"] > 0 for r in rows.values())
     # FSDP shards parameters, EMA and optimizer state: fewer argument bytes per device.
     assert rows[(2, False)]["argument_gib"] < rows[(1, False)]["argument_gib"]
+    # Saved activations (backend-independent): remat keeps only block inputs; FSDP halves the batch.
+    assert rows[(1, True)]["saved_gib"] < 0.5 * rows[(1, False)]["saved_gib"]
+    np.testing.assert_allclose(rows[(2, False)]["saved_gib"], rows[(1, False)]["saved_gib"] / 2)
 
     readers = res["input"]
     assert len(readers) == 2 and all(r["examples_per_s"] > 0 and r["headroom"] > 0 for r in readers)

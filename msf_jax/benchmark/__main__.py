@@ -87,8 +87,8 @@ def _sample(args, preset):
     if preset.scan_steps:
         out["scan_overhead"] = sampling.scan_overhead(sampling.Stage(d, preset.scan_steps, g), batch=batch,
                                                       iters=preset.sample_iters)
-        print_table("scan overhead", [out["scan_overhead"]], ["config", "batch", "scan_s", "steps_x_step_s",
-                                                               "scan_overhead"])
+        print_table("scan overhead (median of alternating rounds)", [out["scan_overhead"]],
+                    ["config", "batch", "scan_s", "steps_x_step_s", "scan_overhead"])
     if preset.compile_steps:
         out["compile"] = sampling.compile_vs_steps(d, batch=batch, steps=preset.compile_steps, guidance=g)
         print_table("compile time vs steps", [out["compile"]], list(out["compile"]))
@@ -96,28 +96,34 @@ def _sample(args, preset):
 
 
 def _memory(args, preset):
-    """Runs in a child process when this one has too few devices (a CPU gets simulated ones)."""
+    """On a CPU, runs in a child process: with simulated devices for the FSDP rows, and XLA flags for
+    compile-only analysis (see _child_memory)."""
     import jax
 
     from msf_jax.benchmark.common import print_table
 
     n = preset.memory_fsdp if args.memory_devices < 0 else args.memory_devices
-    if n > jax.device_count() and jax.default_backend() == "cpu" and not os.environ.get("_MSF_BENCH_CHILD"):
+    if jax.default_backend() == "cpu" and not os.environ.get("_MSF_BENCH_CHILD"):
         rows = _child_memory(args, n)
     else:
         from msf_jax.benchmark.memory import bench_memory
 
         rows = bench_memory(preset.memory_models, fsdp_devices=min(n, jax.device_count()))
     print_table("train-step memory (XLA memory analysis, GiB per device)", rows,
-                ["config", "global_batch", "devices", "remat", "argument_gib", "temp_gib", "peak_estimate_gib"])
+                ["config", "global_batch", "devices", "remat", "saved_gib", "argument_gib", "temp_gib",
+                 "peak_estimate_gib", "compile_s"])
     return rows
 
 
 def _child_memory(args, n):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "memory.json")
+        # The steps are only compiled, never run: no LLVM optimization (what is analysed is the same),
+        # and XLA:CPU's scheduler for memory rather than concurrency (as accelerators' schedulers do).
+        flags = (f"--xla_force_host_platform_device_count={max(n, 1)} --xla_backend_optimization_level=0 "
+                 "--xla_llvm_disable_expensive_passes=true --xla_cpu_enable_concurrency_optimized_scheduler=false")
         env = dict(os.environ, _MSF_BENCH_CHILD="1", JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}")
+                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}")
         cmd = [sys.executable, "-m", "msf_jax.benchmark", "--sections=memory", f"--preset={args.preset}",
                f"--json={path}", f"--memory_devices={n}"] + (["--tiny"] if args.tiny else [])
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)

@@ -5,7 +5,13 @@ train step as the `train` section, on one device and with FSDP (parameters, EMA 
 sharded over `fsdp` devices by the project's logical-axis rules, batch split over them), with and
 without rematerialization. On a CPU the FSDP devices are simulated
 (--xla_force_host_platform_device_count, set by the caller before JAX starts). CPU figures are
-XLA:CPU's buffer assignment, a guide to an accelerator's, not equal to it.
+XLA:CPU's buffer assignment, a guide to an accelerator's, not equal to it: XLA:CPU does not schedule
+to save memory, so its temp figures shrink little under remat (the caller compiles with its
+concurrency-optimized scheduler off and no LLVM optimization; neither changes what is analysed).
+
+`saved_gib` is backend-independent: the activations the model's forward keeps for its backward
+(JAX's saved residuals, parameters excluded) at the row's per-device batch. It shows what remat
+saves on any device.
 """
 
 from __future__ import annotations
@@ -13,24 +19,48 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from msf_jax import axes, sharding
 from msf_jax.benchmark.common import compile_timed, memory_stats
-from msf_jax.benchmark.train_speed import StepSpec, TrainStep
+from msf_jax.benchmark.train_speed import StepSpec, TrainStep, build_model
 
 
-def _row(spec: StepSpec, devices: int, compiled, compile_s: float) -> dict:
+def _row(spec: StepSpec, devices: int, compiled, compile_s: float, saved_gib: float | None) -> dict:
     mem = memory_stats(compiled) or {}
     return dict(config=spec.label(), global_batch=spec.batch, devices=devices, remat=spec.remat,
-                compile_s=compile_s, **mem)
+                compile_s=compile_s, saved_gib=None if saved_gib is None else saved_gib / devices, **mem)
+
+
+def saved_activation_gib(ts: TrainStep) -> float | None:
+    """GiB the model's forward keeps for the backward at the spec's batch (JAX's saved residuals of
+    the forward's VJP w.r.t. the parameters, the parameters themselves excluded; traced, not run)."""
+    try:
+        from jax._src.ad_checkpoint import saved_residuals  # the function behind print_saved_residuals
+    except ImportError:
+        return None
+    img, lab, cond = ts.abstract_batch()
+    n = lab.shape[0]
+    t = jax.ShapeDtypeStruct((n,), jnp.int32)
+    level = None if cond is None else jax.ShapeDtypeStruct((n,), jnp.float32)
+    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build_model(ts.spec)), nnx.Param, ...)
+
+    def forward(p, x, tt, y, c, lvl):
+        return nnx.merge(graphdef, p, rest)(x, tt, y, c, lvl)
+
+    residuals = saved_residuals(forward, params, img, t, lab, cond, level)
+    nbytes = sum(np.prod(aval.shape) * aval.dtype.itemsize for aval, why in residuals
+                 if "from the argument" not in why and hasattr(aval, "shape"))
+    return float(nbytes) / 2**30
 
 
 def single_device(spec: StepSpec) -> dict:
     ts = TrainStep(spec)
     compiled, secs = compile_timed(ts.jitted(), ts.abstract_state, *ts.abstract_batch())
-    return _row(spec, 1, compiled, secs)
+    return _row(spec, 1, compiled, secs, saved_activation_gib(ts))
 
 
 def fsdp(spec: StepSpec, num_devices: int) -> dict:
@@ -50,7 +80,7 @@ def fsdp(spec: StepSpec, num_devices: int) -> dict:
     jitted = ts.jitted(in_shardings=(state_sh, img_sh, lab_sh, None if cond is None else img_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)))
     compiled, secs = compile_timed(jitted, abstract_state, img, lab, cond)
-    return _row(spec, num_devices, compiled, secs)
+    return _row(spec, num_devices, compiled, secs, saved_activation_gib(ts))
 
 
 def bench_memory(specs, *, fsdp_devices: int, remat_options=(False, True)) -> list[dict]:

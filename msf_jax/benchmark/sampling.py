@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msf_jax.benchmark.common import block, compile_timed, cost_flops, median
+from msf_jax.benchmark.common import block, compile_timed, cost_flops, median, timed
 from msf_jax.benchmark.train_speed import StepSpec, build_model
 from msf_jax.diffusion.gaussian import GaussianDiffusion
 from msf_jax.diffusion.samplers import guided_model, make_plan, sample
@@ -148,10 +148,11 @@ def _mul(x, k):
 
 
 def scan_overhead(stage: Stage, *, batch: int, warmup: int = 1, iters: int = 3) -> dict:
-    """The scanned sampler against `steps` calls of the same compiled step from Python."""
+    """The scanned sampler against `steps` calls of the same compiled step from Python, timed in
+    `iters` alternating rounds (scan, loop, scan, loop, ...): the overhead is the median of the
+    per-round ratios, so a change in machine load between the two hits both sides alike."""
     labels, keys = _inputs(batch, stage.spec.num_classes)
     c_scan, _ = compile_timed(dit_sampler(stage), stage.params, labels, keys)
-    t_scan = _time_runs(c_scan, (stage.params, labels, keys), warmup, iters)
     x = jnp.zeros((batch,) + stage.shape, jnp.float32)
     c_step, _ = compile_timed(jax.jit(stage.step_fn()), stage.params, x, labels, keys, None)
 
@@ -161,24 +162,30 @@ def scan_overhead(stage: Stage, *, batch: int, warmup: int = 1, iters: int = 3) 
             y = c_step(stage.params, y, labels, keys, None)
         return y
 
-    block(loop())
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        block(loop())
-        times.append(time.perf_counter() - start)
-    t_loop = median(times)
-    return dict(config=f"{stage.spec.label()} x{stage.steps}", batch=batch, scan_s=t_scan,
-                steps_x_step_s=t_loop, scan_overhead=t_scan / t_loop - 1.0)
+    scan_times, loop_times = [], []
+    for i in range(warmup + iters):
+        t_scan = timed(lambda: c_scan(stage.params, labels, keys))
+        t_loop = timed(loop)
+        if i >= warmup:
+            scan_times.append(t_scan)
+            loop_times.append(t_loop)
+    ratios = [a / b for a, b in zip(scan_times, loop_times)]
+    return dict(config=f"{stage.spec.label()} x{stage.steps}", batch=batch, scan_s=median(scan_times),
+                steps_x_step_s=median(loop_times), scan_overhead=median(ratios) - 1.0,
+                overhead_rounds=[r - 1.0 for r in ratios])
 
 
-def compile_vs_steps(spec: StepSpec, *, batch: int, steps=(10, 250), guidance: float = 1.5) -> dict:
-    """Compile time of the scanned DiT sampler at each number of steps, and the ratio last / first."""
-    out = {}
-    for s in steps:
-        stage = Stage(spec, s, guidance)
-        labels, keys = _inputs(batch, spec.num_classes)
-        jax.clear_caches()
-        _, out[s] = compile_timed(dit_sampler(stage), stage.params, labels, keys)
+def compile_vs_steps(spec: StepSpec, *, batch: int, steps=(10, 250), guidance: float = 1.5,
+                     rounds: int = 3) -> dict:
+    """Compile time of the scanned DiT sampler at each number of steps (median of `rounds`
+    alternating compiles, caches cleared before each), and the ratio last / first."""
+    times = {s: [] for s in steps}
+    labels, keys = _inputs(batch, spec.num_classes)
+    for _ in range(rounds):
+        for s in steps:
+            stage = Stage(spec, s, guidance)
+            jax.clear_caches()
+            times[s].append(compile_timed(dit_sampler(stage), stage.params, labels, keys)[1])
+    out = {s: median(v) for s, v in times.items()}
     return dict(config=spec.label(), batch=batch, **{f"compile_s_{s}": v for s, v in out.items()},
                 compile_ratio=out[steps[-1]] / out[steps[0]])
