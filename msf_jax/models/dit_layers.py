@@ -27,8 +27,9 @@ class TokenLinear(nnx.Linear):
     """nnx.Linear (same parameters) applied as ONE 2-D matmul over all leading dims: (..., din) -> (..., dout).
 
     Same function as nnx.Linear. On (N, T, D) tokens the weight gradient is then a plain (D, N*T) x
-    (N*T, D') matmul instead of a dot with two contracting dims, which XLA:CPU runs about 2x slower
-    (benchmarks/cpu_step_profile.py); XLA:TPU/GPU canonicalize both forms to the same matmul.
+    (N*T, D') matmul instead of a dot with two contracting dims, which XLA:CPU runs 1.3-1.5x slower
+    at the DiT block's shapes (benchmarks/cpu_step_profile.py linear); XLA:TPU/GPU canonicalize both
+    forms to the same matmul.
     """
 
     def __call__(self, x: jax.Array) -> jax.Array:
