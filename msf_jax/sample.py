@@ -25,6 +25,7 @@ from msf_jax import distributed, outputs, paths, pipeline, stages
 from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.pipeline import Decoder, make_decoder, pixels_to_uint8, sample_keys  # noqa: F401 (re-exported)
 from msf_jax.progress import Progress
+from msf_jax.sharding import BatchedFn
 from msf_jax.stages import Stage
 from msf_jax.stats import resolve_stats
 
@@ -95,8 +96,6 @@ class Generator:
         models = [models[s.name] for s in self.stages] if isinstance(models, dict) else list(models)
         if len(models) != len(self.stages):
             raise ValueError(f"Generator: {len(models)} models for {len(self.stages)} stages")
-        self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
-        self.num_devices = self.mesh.devices.size
         for stage, model in zip(self.stages, models):
             if stage.guided and not getattr(model, "supports_guidance", True):
                 raise ValueError(f"{stage.name}: guidance_scale={stage.config.guidance_scale} needs a model trained "
@@ -106,19 +105,20 @@ class Generator:
         states = {"models": list(states)}
         if decoder.state is not None:
             states["vae"] = decoder.state  # an argument, not a constant baked into the compiled program
-        self.replicated = NamedSharding(self.mesh, P())
-        self.states = jax.device_put(states, self.replicated)
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
         noised = [s for s in self.stages if s.noise_cond]
         self.default_cond_level = noised[0].sample_level if noised else 0.0
 
-        def generate(states, labels, keys, scales, cond_level):
+        def generate(states, labels, indices, scales, cond_level):
             fns = [stages.model_function(nnx.merge(g, s)) for g, s in zip(graphdefs, states["models"])]
             guidance = [scale if stage.guided else 1.0 for stage, scale in zip(self.stages, scales)]
+            keys = sample_keys(config.seed, indices)
             z = pipeline.sample(self.stages, fns, labels, keys, guidance=guidance, cond_level=cond_level)
             return decoder(states.get("vae"), z)
 
-        self._generate = jax.jit(generate, out_shardings=self.batch_sharding)
+        # One batch shape (sample.batch_size, rounded up to the batch shards): no recompilation for
+        # a short last batch. mesh None = this host's devices.
+        self.batched = BatchedFn(generate, states, mesh, min_batch=int(config.sample.batch_size))
+        self.mesh = self.batched.mesh
 
     def __call__(self, indices: np.ndarray, labels: np.ndarray, *, guidance: dict[str, float] | None = None,
                  cond_level: float | None = None) -> np.ndarray:
@@ -135,16 +135,9 @@ class Generator:
                              "for a config guidance_scale != 1)")
         scales = np.asarray([guidance.get(s.name, float(s.config.guidance_scale)) for s in self.stages], np.float32)
         level = np.float32(self.default_cond_level if cond_level is None else cond_level)
-        n = len(indices)
-        # One batch shape (sample.batch_size, a multiple of the device count): no recompilation
-        # for a short last batch.
-        padded = -(-max(n, int(self.config.sample.batch_size)) // self.num_devices) * self.num_devices
-        idx = np.concatenate([indices, np.full(padded - n, indices[-1])]).astype(np.int64)
-        lab = np.concatenate([labels, np.full(padded - n, labels[-1])]).astype(np.int32)
-        keys = jax.device_put(sample_keys(self.config.seed, idx), self.batch_sharding)
-        lab = jax.device_put(lab, self.batch_sharding)
-        scales, level = jax.device_put((scales, level), self.replicated)
-        return np.asarray(jax.device_get(self._generate(self.states, lab, keys, scales, level)))[:n]
+        batch = (np.asarray(labels, np.int32), np.asarray(indices, np.uint32))  # keys: fold_in(seed, index)
+        images = self.batched(*batch, extra=(scales, level))
+        return np.asarray(jax.device_get(images))
 
 
 def load_stages(config, *, dit: bool = True) -> tuple[list[Stage], list[nnx.Module]]:

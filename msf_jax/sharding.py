@@ -141,7 +141,7 @@ class BatchedFn:
     """`fn(params, *batch)` jitted with `params` replicated and each batch argument split over the mesh.
 
     The one helper for "replicated weights, batch-sharded input, padded last batch" (VAE encode and
-    decode, Inception features, sampling, in-training eval):
+    decode, Inception features, latent extraction, sampling, in-training eval):
 
         graphdef, state = nnx.split(model)
         encode = BatchedFn(lambda s, x: nnx.merge(graphdef, s).encode_moments(x), state, mesh)
@@ -161,6 +161,11 @@ class BatchedFn:
         (`out="replicated"`: every host can read the whole result).
     xs may be numpy arrays (host) or jax arrays (padded on device). On a mesh spanning several hosts
     every host must pass the same full batch (jax.device_put's rule for global shardings).
+
+    `extra=(a, ...)` are further arguments, `fn(params, *xs, *extra)`, neither padded nor split:
+    traced (new values reuse the compiled program: guidance scales, weights that change during
+    training). Host values (numpy, Python scalars) are put on the mesh replicated; jax arrays are
+    passed as they are (e.g. a trainer's FSDP-sharded weights).
 
     mesh: a Mesh from `create_mesh` / `make_mesh`; None = `local_mesh()` (this host's devices).
     Attributes: mesh, params (the replicated copy), num_shards, jitted (for lowering / cost analysis).
@@ -183,14 +188,16 @@ class BatchedFn:
         """The batch size a call with n rows is padded to."""
         return -(-max(n, self.min_batch, 1) // self.num_shards) * self.num_shards
 
-    def __call__(self, *xs: Any) -> Any:
+    def __call__(self, *xs: Any, extra: tuple = ()) -> Any:
         n = int(xs[0].shape[0])
         if any(int(x.shape[0]) != n for x in xs):
             raise ValueError(f"BatchedFn: batch arguments of different lengths {[x.shape[0] for x in xs]}")
         pad = self.padded_size(n) - n
         if pad:
             xs = tuple(_pad_rows(x, pad) for x in xs)
-        out = self.jitted(self.params, *(jax.device_put(x, self._in) for x in xs))
+        extra = jax.tree.map(lambda v: v if isinstance(v, jax.Array) else jax.device_put(v, self._replicated),
+                             tuple(extra))
+        out = self.jitted(self.params, *(jax.device_put(x, self._in) for x in xs), *extra)
         if not pad:
             return out
         # N rows do not split evenly over the shards: the trimmed result is replicated (explicit, so

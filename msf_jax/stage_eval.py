@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from msf_jax import outputs, pipeline, stages
 from msf_jax.data import input_pipeline
+from msf_jax.sharding import BatchedFn
 from msf_jax.stages import Stage
 
 
@@ -41,9 +40,8 @@ def real_latents(config, num: int, seed: int) -> tuple[jax.Array, np.ndarray]:
     return np.concatenate(zs)[:num], np.concatenate(labels)[:num]
 
 
-def stage_images(stage: Stage, model_fn, decoder, vae_state, real_z: jax.Array, labels: jax.Array, seed: int):
+def stage_images(stage: Stage, model_fn, decoder, vae_state, real_z: jax.Array, labels: jax.Array, keys: jax.Array):
     """(fake, real) uint8 images for this stage, as in the module docstring."""
-    keys = pipeline.sample_keys(seed, jnp.arange(labels.shape[0]))
     if stage.name == "dit":
         fake, real = pipeline.sample([stage], [model_fn], labels, keys), real_z
     else:
@@ -56,22 +54,21 @@ def stage_images(stage: Stage, model_fn, decoder, vae_state, real_z: jax.Array, 
 def _generate(config, trainer, state, num: int, seed: int):
     """(fake, real, labels) as host numpy arrays. Every host must call it (the state is global)."""
     real_z, labels = real_latents(config, num, seed)  # the same data on every host
-    cache = trainer.__dict__.setdefault("_stage_eval_fns", {})  # compiled once per (num, seed)
-    if (num, seed) not in cache:
+    cache = trainer.__dict__.setdefault("_stage_eval_fns", {})  # compiled once per seed
+    if seed not in cache:
         decoder = pipeline.make_decoder(config)
-        replicated = NamedSharding(trainer.mesh, P())
         graphdef = trainer.graphdef
 
-        def run(ema, rest, vae_state, real_z, labels):
+        def run(vae_state, real_z, labels, indices, ema, rest):
             model_fn = stages.model_function(nnx.merge(graphdef, ema, rest))
-            return stage_images(trainer.stage, model_fn, decoder, vae_state, real_z, labels, seed)
+            keys = pipeline.sample_keys(seed, indices)
+            return stage_images(trainer.stage, model_fn, decoder, vae_state, real_z, labels, keys)
 
-        cache[(num, seed)] = (jax.jit(run, out_shardings=replicated), decoder, replicated)
-    run, decoder, replicated = cache[(num, seed)]
-    # Host-local inputs become replicated global arrays, and outputs are replicated, so this also
-    # runs on multi-host meshes, where every process holds the whole result.
-    put = lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x))  # noqa: E731
-    fake, real = run(state["ema"], state["rest"], decoder.state, put(real_z), put(labels))
+        # The batch is split over the trainer's mesh (every host passes the same one), the weights
+        # stay as the trainer shards them, and the outputs are replicated: every process holds the
+        # whole result, also on multi-host meshes.
+        cache[seed] = BatchedFn(run, decoder.state, trainer.mesh, out="replicated")
+    fake, real = cache[seed](real_z, labels, np.arange(num, dtype=np.uint32), extra=(state["ema"], state["rest"]))
     return np.asarray(jax.device_get(fake)), np.asarray(jax.device_get(real)), labels
 
 

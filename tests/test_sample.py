@@ -51,11 +51,11 @@ def test_sample_does_not_depend_on_batch_or_device_count(setup):
     assert len({a.tobytes() for a in all_at_once}) == 6  # distinct samples
 
     # Guidance and the conditioning level are runtime arguments: new values, no recompilation.
-    compiled = one._generate._cache_size()  # batch shapes 6 and 4 (sample.batch_size)
+    compiled = one.batched.jitted._cache_size()  # batch shapes 6 and 4 (sample.batch_size)
     with jax.transfer_guard("disallow"):
         other = [one(idx, labels, guidance={"base": 4.0}), one(idx, labels, cond_level=150.0),
                  one(idx, labels, guidance={"base": 1.5, "residual": 1.5}, cond_level=0.0)]
-    assert one._generate._cache_size() == compiled
+    assert one.batched.jitted._cache_size() == compiled
     assert not np.array_equal(other[0], all_at_once) and not np.array_equal(other[1], all_at_once)
     np.testing.assert_array_equal(other[2], all_at_once)  # the config's values, passed explicitly
     with pytest.raises(ValueError, match="no guided stage"):
