@@ -56,6 +56,19 @@ def test_batched_fn_min_batch_compiles_once_and_has_no_implicit_transfers():
         fn(x, y[:3])
 
 
+def test_batched_fn_extra_arguments_are_traced_not_padded():
+    mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:4])
+    fn = sharding.BatchedFn(lambda p, x, scale, table: x * scale + table[1] + p, np.float32(1), mesh)
+    x = np.arange(3, dtype=np.float32)  # padded to 4 rows; `table` (8,) is neither padded nor re-put
+    table = jax.device_put(jnp.arange(8.0), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    with jax.transfer_guard("disallow"):
+        a = fn(x, extra=(np.float32(2), table))
+        b = fn(x, extra=(np.float32(3), table))  # a new value: the same program
+    assert fn.jitted._cache_size() == 1
+    np.testing.assert_array_equal(np.asarray(jax.device_get(a)), x * 2 + 2)
+    np.testing.assert_array_equal(np.asarray(jax.device_get(b)), x * 3 + 2)
+
+
 def test_local_mesh_and_config_mesh():
     mesh = sharding.local_mesh()
     assert mesh.axis_names == axes.MESH_AXES and mesh.devices.shape == (jax.local_device_count(), 1, 1)
