@@ -3,19 +3,20 @@
 Pure functions on a list of result rows (dicts). A row has at least `id`, `family` ("msf" | "dit"),
 `label` (short text for the plot), `flops_per_image` and `quality` (lower is better: FID or SWD).
 The plot is drawn with Pillow (no matplotlib dependency): quality against FLOPs per image on a log
-axis, one marker per setting (MSF circles, DiT squares), the front as a red staircase.
+axis, one marker per setting (MSF circles, DiT squares), the front as a red staircase. Files are
+written through `paths` (committed: local names or gs:// URLs).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from msf_jax import paths
 
 FAMILY_STYLE = {"msf": ("circle", (31, 119, 180)), "dit": ("square", (255, 127, 14))}
 FRONT_COLOR = (214, 39, 40)
@@ -52,14 +53,6 @@ def mark_front(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # The table
 # ----------------------------------------------------------------------------------------------
-def _atomic_write(path: str, text: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def write_table(rows: list[dict], csv_path: str, json_path: str, extra: dict | None = None) -> None:
     """The rows as CSV (union of their keys, first-seen order) and as JSON {rows, front, **extra}."""
     columns: list[str] = []
@@ -69,10 +62,10 @@ def write_table(rows: list[dict], csv_path: str, json_path: str, extra: dict | N
     writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(csv_path, buf.getvalue())
+    paths.write_committed_text(csv_path, buf.getvalue())
     front = [r["id"] for r in sorted((r for r in rows if r.get("on_front")),
                                      key=lambda r: (r["flops_per_image"], r["quality"]))]
-    _atomic_write(json_path, json.dumps({**(extra or {}), "rows": rows, "front": front}, indent=1))
+    paths.write_committed_json(json_path, {**(extra or {}), "rows": rows, "front": front})
 
 
 def markdown_table(rows: list[dict], metric: str) -> str:
@@ -197,7 +190,6 @@ def plot_frontier(rows: list[dict], path: str, *, metric: str, title: str = "",
     d.line([lx, ly + 5, lx + 10, ly + 5], fill=FRONT_COLOR, width=2)
     d.text((lx + 18, ly + 5), "Pareto front", fill="black", font=small, anchor="lm")
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path + ".tmp", format="PNG")
-    os.replace(path + ".tmp", path)
+    with paths.committed(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

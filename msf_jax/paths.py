@@ -166,8 +166,34 @@ def write_committed_bytes(p: str, data: bytes, unique: bool = False) -> str:
     return p
 
 
+def write_committed_text(p: str, text: str, unique: bool = False) -> str:
+    return write_committed_bytes(p, text.encode(), unique)
+
+
 def write_committed_json(p: str, obj: Any, indent: int | None = 1, unique: bool = False, **kwargs) -> str:
     return write_committed_bytes(p, json.dumps(obj, indent=indent, **kwargs).encode(), unique)
+
+
+def _is_temporary(name: str) -> bool:
+    """A local writer's `<name>.tmp` / `<name>.tmp.<pid>` (see `committed`)."""
+    stem, _, last = name.rpartition(".")
+    return last == "tmp" or (last.isdigit() and stem.endswith(".tmp"))
+
+
+def committed_names(directory: str, suffix: str = "") -> list[str]:
+    """Sorted names of the committed files in `directory` ending in `suffix`, from one listing.
+
+    Remote: those whose commit marker is listed too (a file without one is a killed writer's);
+    local: every file except writers' temporaries. A missing directory holds none.
+    """
+    names = listdir(directory)
+    if is_remote(directory):
+        listed = set(names)
+        names = [n for n in names if not n.endswith(MARKER_SUFFIX) and marker(n) in listed]
+    else:
+        local = abspath(directory)
+        names = [n for n in names if not _is_temporary(n) and os.path.isfile(os.path.join(local, n))]
+    return [n for n in names if n.endswith(suffix)]
 
 
 def copy_to_local(p: str, local_dir: str) -> str:

@@ -4,8 +4,9 @@ For every setting of the grid in `config.sweep` (MSF: base/residual sampler, ste
 the conditioning level `sample_level`; single-stage DiT: sampler, steps, guidance), the same
 `sweep.num_samples` indices (labels and noise per index as in `--mode=sample`) are sampled, scored with
 `config.eval.metric` (FID with converted Inception weights, or SWD) and costed (model FLOPs per image
-from XLA's cost analysis, and images/s measured). Outputs under `workdir/sweep/`:
-  settings/<id>.json   one result per setting, written atomically: a rerun skips finished settings
+from XLA's cost analysis, and images/s measured). Outputs under `workdir/sweep/` (a local directory or
+a gs:// URL; every file is written through `paths`, committed):
+  settings/<id>.json   one result per setting: a rerun skips settings committed there
   sweep.csv, sweep.json   the table of every setting scored in this workdir (sweep.json also lists
                        the Pareto front)
   frontier.png         quality vs FLOPs per image, the front drawn, MSF and DiT distinguished
@@ -18,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import time
 from typing import Callable
 
 import jax
 import numpy as np
 
-from msf_jax import frontier
+from msf_jax import frontier, paths
 from msf_jax.progress import Progress
 from msf_jax.sweep_sampler import StageRun, SweepSampler
 
@@ -137,8 +137,8 @@ def make_scorer(config, out_dir: str, num: int) -> tuple[str, Callable[[np.ndarr
                                                       seed=int(config.seed) + 1000)["image"]
     if metric == "fid" and isinstance(reference, np.ndarray):
         # Reference Inception statistics once, not once per setting.
-        path = os.path.join(out_dir, "reference_stats.npz")
-        if not os.path.exists(path):
+        path = paths.join(out_dir, "reference_stats.npz")
+        if not paths.is_committed(path):
             feature_fn = evaluate._inception_feature_fn(ec.inception_weights)  # clear error if missing
             feats = evaluate.compute_features(evaluate.iterate_batches(reference, int(ec.batch_size)),
                                               feature_fn)
@@ -177,15 +177,14 @@ def _run_spec(config) -> dict:
 
 
 def _check_run_spec(path: str, spec: dict) -> None:
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if paths.is_committed(path):
+        old = paths.read_json(path)
         if old != spec:
             changed = sorted(k for k in spec if old.get(k) != spec[k])
-            raise ValueError(f"{os.path.dirname(path)} holds a sweep with other settings ({', '.join(changed)}): "
+            raise ValueError(f"{paths.dirname(path)} holds a sweep with other settings ({', '.join(changed)}): "
                              "use another workdir or delete it")
     else:
-        frontier._atomic_write(path, json.dumps(spec, indent=1))
+        paths.write_committed_json(path, spec)
 
 
 def make_sweep_sampler(config) -> tuple[SweepSampler, bool, bool]:
@@ -208,10 +207,9 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
     """Runs (or resumes) the sweep; returns {rows, front, metric, paths}. `sampler` skips loading."""
     if jax.process_count() > 1:
         raise ValueError("--mode=sweep runs on one host (its local devices); start it on one process")
-    out_dir = os.path.join(workdir, "sweep")
-    settings_dir = os.path.join(out_dir, "settings")
-    os.makedirs(settings_dir, exist_ok=True)
-    _check_run_spec(os.path.join(out_dir, "run_spec.json"), _run_spec(config))
+    out_dir = paths.join(paths.abspath(workdir), "sweep")
+    settings_dir = paths.join(out_dir, "settings")
+    _check_run_spec(paths.join(out_dir, "run_spec.json"), _run_spec(config))
     if sampler is None:
         sampler, has_msf, has_dit = make_sweep_sampler(config)
     else:
@@ -227,12 +225,12 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
     metric, score = make_scorer(config, out_dir, n)
     _say(f"{len(settings)} settings x {n} samples, metric {metric}; results in {out_dir}")
 
+    done = {name[:-len(".json")] for name in paths.committed_names(settings_dir, ".json")}
     rows = []
     for i, s in enumerate(settings, 1):
-        path = os.path.join(settings_dir, f"{s.id}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                row = json.load(f)
+        path = paths.join(settings_dir, f"{s.id}.json")
+        if s.id in done:
+            row = paths.read_json(path)
             _say(f"{i}/{len(settings)} {s.label}: done earlier ({metric} {row['quality']:.3f})")
             rows.append(row)
             continue
@@ -251,7 +249,7 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
         row = {**s.row(), **score(np.concatenate(images)), **cost, "metric": metric, "num_samples": n,
                "images_per_s": n / sample_s, "sample_s": sample_s, "compile_s": compile_s,
                "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}"}
-        frontier._atomic_write(path, json.dumps(row, indent=1))
+        paths.write_committed_json(path, row)
         rows.append(row)
         _say(f"{i}/{len(settings)} {s.label}: {metric} {row['quality']:.3f}, "
              f"{row['flops_per_image'] / 1e9:.3f} GFLOP/image, {row['images_per_s']:.1f} images/s"
@@ -261,17 +259,14 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
 
     # Settings scored here by earlier runs with another grid are part of the frontier too.
     current = {r["id"] for r in rows}
-    for name in sorted(os.listdir(settings_dir)):
-        if name.endswith(".json") and name[:-5] not in current:
-            with open(os.path.join(settings_dir, name)) as f:
-                rows.append(json.load(f))
+    rows += [paths.read_json(paths.join(settings_dir, f"{name}.json")) for name in sorted(done - current)]
     rows = frontier.mark_front(rows)
-    paths = {"csv": os.path.join(out_dir, "sweep.csv"), "json": os.path.join(out_dir, "sweep.json"),
-             "plot": os.path.join(out_dir, "frontier.png")}
-    frontier.write_table(rows, paths["csv"], paths["json"], extra={"metric": metric, "num_samples": n})
+    out = {"csv": paths.join(out_dir, "sweep.csv"), "json": paths.join(out_dir, "sweep.json"),
+           "plot": paths.join(out_dir, "frontier.png")}
+    frontier.write_table(rows, out["csv"], out["json"], extra={"metric": metric, "num_samples": n})
     title = config.sweep.plot_title or f"{metric} of {n} samples vs sampling cost"
-    frontier.plot_frontier(rows, paths["plot"], metric=metric, title=title)
+    frontier.plot_frontier(rows, out["plot"], metric=metric, title=title)
     front = [r for r in rows if r["on_front"]]
     _say(f"Pareto front ({len(front)} of {len(rows)} settings):\n" + frontier.markdown_table(rows, metric))
-    _say(f"wrote {paths['csv']}, {paths['json']}, {paths['plot']}")
-    return {"rows": rows, "front": [r["id"] for r in front], "metric": metric, "paths": paths}
+    _say(f"wrote {out['csv']}, {out['json']}, {out['plot']}")
+    return {"rows": rows, "front": [r["id"] for r in front], "metric": metric, "paths": out}

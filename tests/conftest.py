@@ -17,3 +17,31 @@ os.environ.setdefault("MSF_JAX_COMPILATION_CACHE", "")  # CLI runs in tests: no 
 # `pytest tests/test_latent_cache.py tests/test_vae.py`). Importing them here makes any order safe.
 import diffusers  # noqa: E402,F401
 import torch  # noqa: E402,F401
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+    """gs://… paths are served from tmp_path/gcs; every gs path the code hands to epath is recorded.
+
+    Yields (root, seen). Only `msf_jax.paths` is patched: code that bypasses the path layer (plain
+    `open`, `os.makedirs`) fails on gs:// or writes a local `gs:` directory, which tests check for.
+    """
+    from etils import epath
+
+    from msf_jax import paths
+
+    root, seen, real = tmp_path / "gcs", [], epath.Path
+
+    class _Epath:
+        @staticmethod
+        def Path(p):  # noqa: N802  (mirrors epath.Path)
+            p = os.fspath(p)
+            if p.startswith("gs://"):
+                seen.append(p)
+                return real(root / p[len("gs://"):])
+            return real(p)
+
+    monkeypatch.setattr(paths, "epath", _Epath)
+    return root, seen

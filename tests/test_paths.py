@@ -1,32 +1,16 @@
-"""The path layer: gs:// paths reach orbax and every writer unmangled; commit-marker semantics."""
+"""The path layer: gs:// paths reach orbax and every writer unmangled; commit-marker semantics.
+
+`fake_gcs` (tests/conftest.py) serves gs:// from a local directory.
+"""
 
 import os
 
 import numpy as np
 import pytest
-from etils import epath
 
 from msf_jax import checkpoint as ckpt_lib
 from msf_jax import outputs, paths
 from msf_jax.factorize import FactorStats
-
-
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-    """gs://… paths are served from tmp_path/gcs; every gs path the code hands to epath is recorded."""
-    root, seen, real = tmp_path / "gcs", [], epath.Path
-
-    class _Epath:
-        @staticmethod
-        def Path(p):  # noqa: N802  (mirrors epath.Path)
-            p = os.fspath(p)
-            if p.startswith("gs://"):
-                seen.append(p)
-                return real(root / p[len("gs://"):])
-            return real(p)
-
-    monkeypatch.setattr(paths, "epath", _Epath)
-    return root, seen
 
 
 def test_local_paths_unchanged(tmp_path, monkeypatch):
@@ -143,3 +127,22 @@ def test_config_file_from_gs(fake_gcs):
     argv = main._local_config_files(["prog", "--config=gs://bucket/configs/x.py", "--workdir=gs://bucket/run"])
     assert argv[2] == "--workdir=gs://bucket/run" and argv[1].startswith("--config=/")
     assert open(argv[1][len("--config="):]).read().startswith("def get_config")
+
+
+def test_committed_names(fake_gcs, tmp_path):
+    """Listing trusts what a resume may trust: remote files with markers, local files but temporaries."""
+    root, _ = fake_gcs
+    for name in ("a.json", "b.json", "c.csv"):
+        paths.write_committed_text(f"gs://bucket/d/{name}", name)
+    (root / "bucket/d/b.json.committed").unlink()  # its writer was killed before the marker
+    (root / "bucket/d/sub").mkdir()
+    assert paths.committed_names("gs://bucket/d", ".json") == ["a.json"]
+    assert paths.committed_names("gs://bucket/d") == ["a.json", "c.csv"]
+    assert paths.committed_names("gs://bucket/missing") == []
+    local = tmp_path / "local"
+    paths.write_committed_text(str(local / "a.json"), "{}")
+    for name in ("b.json.tmp", "c.json.tmp.123"):
+        (local / name).write_text("half")
+    (local / "sub.json").mkdir()
+    assert paths.committed_names(str(local), ".json") == ["a.json"]
+

@@ -201,3 +201,34 @@ def test_mode_sweep_from_converted_files(tmp_path):
     with open(tmp_path / "out" / "sweep" / "sweep.json") as f:
         assert len(json.load(f)["rows"]) == 2
     assert os.path.exists(tmp_path / "out" / "sweep" / "frontier.png")
+
+
+def test_sweep_on_object_store(setup, fake_gcs, tmp_path, monkeypatch):
+    """A gs:// workdir: every output lands in the store, committed; a rerun trusts only committed results."""
+    from msf_jax import paths
+
+    _, _, _, sampler = setup
+    root, seen = fake_gcs
+    monkeypatch.chdir(tmp_path)
+    config = _config()
+    config.sweep.num_samples, config.sweep.sample_level = 4, "0"
+    config.sweep.base_steps, config.sweep.base_guidance, config.sweep.dit_guidance = "2", "1.5", "1.5"
+    scored = []
+    result = sweep_lib.run_sweep(config, "gs://bucket/run", sampler=sampler, on_result=scored.append)
+    ids = ["msf_heun2_g1.5_euler3_g1.5_l0", "dit_heun2_g1.5"]
+    assert [r["id"] for r in scored] == ids
+    assert result["paths"] == {"csv": "gs://bucket/run/sweep/sweep.csv", "json": "gs://bucket/run/sweep/sweep.json",
+                               "plot": "gs://bucket/run/sweep/frontier.png"}
+    store = root / "bucket/run/sweep"
+    for name in ["run_spec.json", "sweep.csv", "sweep.json", "frontier.png"] + [f"settings/{i}.json" for i in ids]:
+        assert (store / name).exists() and (store / (name + ".committed")).exists(), name
+    assert (store / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["id"] for r in paths.read_json(result["paths"]["json"])["rows"]] == ids
+    assert not (tmp_path / "gs:").exists() and all(p.startswith("gs://bucket/run") for p in seen)
+
+    scored.clear()  # a rerun scores nothing new
+    again = sweep_lib.run_sweep(config, "gs://bucket/run", sampler=sampler, on_result=scored.append)
+    assert not scored and [r["quality"] for r in again["rows"]] == [r["quality"] for r in result["rows"]]
+    (store / f"settings/{ids[1]}.json.committed").unlink()  # its writer was killed before the marker
+    sweep_lib.run_sweep(config, "gs://bucket/run", sampler=sampler, on_result=scored.append)
+    assert [r["id"] for r in scored] == [ids[1]] and paths.is_committed(f"gs://bucket/run/sweep/settings/{ids[1]}.json")
