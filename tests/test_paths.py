@@ -146,3 +146,20 @@ def test_committed_names(fake_gcs, tmp_path):
     (local / "sub.json").mkdir()
     assert paths.committed_names(str(local), ".json") == ["a.json"]
 
+
+def test_benchmark_json_to_gs(fake_gcs, tmp_path, monkeypatch):
+    """The benchmark's --json takes a gs:// URL (each rewrite committed), and '' writes nothing."""
+    from msf_jax.benchmark.__main__ import _write_json
+
+    root, seen = fake_gcs
+    monkeypatch.chdir(tmp_path)
+    _write_json("gs://bucket/bench/results.json", {"train": [{"images_per_s": 1.5}], "device": np.float32(2)})
+    assert paths.read_json("gs://bucket/bench/results.json")["device"] == "2.0"  # default=str, as before
+    _write_json("gs://bucket/bench/results.json", {"train": [{"images_per_s": 2.5}]})  # the next section
+    assert paths.is_committed("gs://bucket/bench/results.json")
+    assert paths.read_json("gs://bucket/bench/results.json") == {"train": [{"images_per_s": 2.5}]}
+    assert sorted(p.name for p in (root / "bucket/bench").iterdir()) == ["results.json", "results.json.committed"]
+    assert seen and all(p.startswith("gs://bucket/bench") for p in seen)
+    assert not (tmp_path / "gs:").exists()
+    _write_json("", {"a": 1})
+    assert sorted(os.listdir(tmp_path)) == ["gcs"]

@@ -177,12 +177,12 @@ def main(argv=None) -> dict:
 
 
 def _write_json(path: str, results: dict) -> None:
+    """The results to `path` (local or gs://), committed through `paths`; '' writes nothing."""
     if not path:
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    os.replace(path + ".tmp", path)
+    from msf_jax import paths  # etils only: the benchmark stays importable without the training stack
+
+    paths.write_committed_json(path, results, default=str)
 
 
 if __name__ == "__main__":
