@@ -23,7 +23,7 @@ LAYERS = (
     ("pipeline", ("pipeline",)),
     ("stages", ("stages", "stats")),  # stats: the factorizer statistics of a run (train, sample)
     ("converters", ("convert",)),  # PyTorch -> Flax at the boundary: above the models they fill
-    ("numerics", ("models", "diffusion", "factorize", "train_step")),
+    ("numerics", ("models", "diffusion", "factorize", "train_step", "metrics")),  # metrics: numpy FID/IS/PR/SWD
     ("infrastructure", ("data", "checkpoint", "sharding", "distributed", "outputs", "paths", "progress", "figures", "axes", "compile_cache",
                         "")),
 )

@@ -165,6 +165,7 @@ def test_conversion_errors_name_keys(torch_nets, tmp_path):
 
 def test_evaluate_npz_fid_end_to_end(converted, tmp_path, monkeypatch):
     from msf_jax import evaluate
+    from msf_jax.metrics import features
 
     rng = np.random.RandomState(3)
     samples, ref = tmp_path / "samples.npz", tmp_path / "ref.npz"
@@ -173,7 +174,7 @@ def test_evaluate_npz_fid_end_to_end(converted, tmp_path, monkeypatch):
     # sqrtm of 2048x2048 matrices takes ~20 s each on a shared CPU; its numerics are tested in
     # test_metrics.py, so here only the plumbing is checked.
     seen = []
-    monkeypatch.setattr(evaluate, "frechet_distance",
+    monkeypatch.setattr(features, "frechet_distance",  # where FeatureStats.frechet_distance looks it up
                         lambda mu1, s1, mu2, s2: seen.append((mu1.shape, s2.shape)) or 0.0)
     stats = str(tmp_path / "sample_stats.npz")
     out = evaluate.evaluate_npz(str(samples), reference=str(ref), inception_weights=converted,
