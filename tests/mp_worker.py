@@ -2,7 +2,7 @@
 
     python tests/mp_worker.py SPEC_JSON
 
-SPEC: {process_id, num_processes, port, devices, out, jobs: [{kind: train|sample|extract, ...}]}.
+SPEC: {process_id, num_processes, port, devices, out, jobs: [{kind: train|restore|sample|extract, ...}]}.
 Each process joins through msf_jax.distributed (explicit coordinator on localhost, gloo CPU
 collectives), runs the jobs in order, and process 0 writes what the test compares under `out`.
 """
@@ -51,7 +51,8 @@ def train(job):
     from msf_jax import train as train_lib
     from tests.tiny import tiny_config
 
-    config = tiny_config("base", num_steps=job["steps"], checkpoint_every=job.get("checkpoint_every", 2))
+    config = tiny_config(job.get("stage", "base"), num_steps=job["steps"],
+                         checkpoint_every=job.get("checkpoint_every", 2))
     config.train.keep_checkpoints = 10
     from msf_jax.progress import Progress
 
@@ -89,32 +90,32 @@ def restore(job):
 
 
 def sample(job):
+    """`--mode=sample` (sample.sample_to_files) from the base and residual runs' checkpoints; records the
+    EMA weights this process restored and the sample indices it generated."""
     from msf_jax import sample as sample_lib
-    from msf_jax import stages
-    from msf_jax.factorize import Factorizer
     from tests.tiny import tiny_config
 
     config = tiny_config()
     config.sample.outputs = "npz,tfrecord"
-    factorizer = Factorizer.from_config(config.factorizer)
-    stage_list = stages.build_stages(config, factorizer)
-    models = {}
-    for i, stage in enumerate(("base", "residual")):
-        model = stage_list[i].build_model(seed=i)
-        state = nnx.state(model, nnx.Param)
-        leaves, treedef = jax.tree.flatten(state)
-        keys = jax.random.split(jax.random.key(10 + i), len(leaves))
-        nnx.update(model, jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
-                                                       for x, k in zip(leaves, keys)]))
-        models[stage] = model
-    generator = sample_lib.Generator(config, stage_list, models)
-    seen = []
+    config.sample.base_checkpoint, config.sample.residual_checkpoint = job["base"], job["residual"]
+    load_stages, call, seen = sample_lib.load_stages, sample_lib.Generator.__call__, []
 
-    def counting(indices, labels):
+    def recording_load(*args, **kwargs):
+        stage_list, models = load_stages(*args, **kwargs)
+        flat = {f"{stage.name}{jax.tree_util.keystr(p)}": np.asarray(v) for stage, model in zip(stage_list, models)
+                for p, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param).to_pure_dict())}
+        np.savez(os.path.join(OUT, f"{job['name']}.weights.{PID}.npz"), **flat)
+        return stage_list, models
+
+    def counting(self, indices, labels, **kwargs):
         seen.extend(int(i) for i in indices)
-        return generator(indices, labels)
+        return call(self, indices, labels, **kwargs)
 
-    sample_lib.sample_to_files(config, job["workdir"], generator=counting)
+    sample_lib.load_stages, sample_lib.Generator.__call__ = recording_load, counting
+    try:
+        sample_lib.sample_to_files(config, job["workdir"])
+    finally:
+        sample_lib.load_stages, sample_lib.Generator.__call__ = load_stages, call
     with open(os.path.join(OUT, f"{job['name']}.indices.{PID}.json"), "w") as f:
         json.dump(seen, f)
 

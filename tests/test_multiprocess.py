@@ -92,15 +92,20 @@ def runs(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(folder / f"c{i % 2}" / f"{i}.png")
     one, two = str(root / "one"), str(root / "two")
     t0 = time.monotonic()
-    # Session 1 (1 x 8) and 2 (2 x 4): the same training; session 2 also samples, extracts latents and
-    # trains a run whose process 1 alone gets SIGTERM at step 1.
-    common = lambda out: [  # noqa: E731
-        {"kind": "sample", "name": "sample", "workdir": f"{out}/sample"},
-        {"kind": "extract", "name": "extract", "workdir": f"{out}/cache", "folder": str(folder)}]
+    # Session 1 (1 x 8) and 2 (2 x 4): the same training; session 2 also extracts latents, trains a
+    # residual stage, samples (--mode=sample) from its own base and residual checkpoints and trains a
+    # run whose process 1 alone gets SIGTERM at step 1.
+    sample = lambda out: {"kind": "sample", "name": "sample", "workdir": f"{out}/sample",  # noqa: E731
+                          "base": f"{two}/train", "residual": f"{two}/residual"}
+    extract = lambda out: {"kind": "extract", "name": "extract", "workdir": f"{out}/cache",  # noqa: E731
+                           "folder": str(folder)}
     s1 = _start(1, one, [{"kind": "train", "name": "train", "workdir": f"{one}/train", "steps": 4},
                          {"kind": "restore", "name": "restored_at2", "workdir": f"{one}/train", "steps": 4, "step": 2}])
-    s2 = _start(2, two, [*common(two),  # sampling first: in a process that has not trained (as session 5)
+    s2 = _start(2, two, [extract(two),
                          {"kind": "train", "name": "train", "workdir": f"{two}/train", "steps": 4},
+                         {"kind": "train", "name": "residual", "workdir": f"{two}/residual", "steps": 2,
+                          "stage": "residual"},
+                         sample(two),
                          {"kind": "train", "name": "preempted", "workdir": f"{two}/preempted", "steps": 4,
                           "checkpoint_every": 100, "sigterm_at": 1, "sigterm_process": 1}])
     _wait([(one, s1), (two, s2)])
@@ -120,7 +125,7 @@ def runs(tmp_path_factory):
     # Session 5 (1 x 4): sampling and extraction in one process with the devices of one host of session 2,
     # so every image and latent is computed by the same program (XLA CPU results may differ in the last
     # bit between a 4- and an 8-device process); only the split of the work over processes differs.
-    s5 = _start(1, one + "_4dev", common(one), devices=4)
+    s5 = _start(1, one + "_4dev", [sample(one), extract(one)], devices=4)
     _wait([(two + "_resume", s3), (one + "_resume", s4), (one + "_4dev", s5)])
     print(f"multi-process sessions took {time.monotonic() - t0:.0f}s")
     return preemption_checkpoints, one, two
@@ -167,8 +172,15 @@ def test_checkpoints_move_between_process_counts(runs):
     assert f"continues at global example {8 * stop}" in log  # the data order continues from the global step
 
 
-def test_sampling_with_two_processes_is_byte_identical(runs):
+def test_sampling_from_checkpoints_with_two_processes_is_byte_identical(runs):
     _, one, two = runs
+    # Every process restored exactly the EMA weights the 2-process runs checkpointed (their final step).
+    for stage, run in (("base", "train"), ("residual", "residual")):
+        ema = {k[len("['ema']"):-len(".value")]: v for k, v in _load(two, run).items() if k.startswith("['ema']")}
+        assert ema
+        for out, name in ((two, "sample.weights.0"), (two, "sample.weights.1"), (one + "_4dev", "sample.weights.0")):
+            loaded = {k[len(stage):]: v for k, v in _load(out, name).items() if k.startswith(stage + "[")}
+            _assert_trees(loaded, ema, exact=True)
     files = sorted(f for f in os.listdir(f"{one}/sample/samples") if f.endswith((".npz", ".tfrecord")))
     assert any(f.endswith(".npz") for f in files) and any(f.endswith(".tfrecord") for f in files)
     assert files == sorted(f for f in os.listdir(f"{two}/sample/samples") if f.endswith((".npz", ".tfrecord")))
