@@ -28,7 +28,7 @@ def _parse(argv):
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
     p.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny"))
     p.add_argument("--tiny", action="store_true", help="the preset's code path with tiny models")
-    p.add_argument("--json", default="benchmark.json", help="where the JSON results go ('' = nowhere)")
+    p.add_argument("--json", default="benchmark.json", help="where the JSON results go: a local path or gs://... ('' = nowhere)")
     p.add_argument("--train_batch", type=int, default=0, help="override the train batch (0 = preset)")
     p.add_argument("--train_steps", type=int, default=0, help="timed steps per round (0 = preset)")
     p.add_argument("--train_rounds", type=int, default=0, help="alternating rounds (0 = preset)")
