@@ -18,24 +18,20 @@ import glob
 import re
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msf_jax.benchmark.common import timed
 from msf_jax.benchmark.presets import CPU_TRAIN
-from msf_jax.benchmark.train_speed import TrainStep
+from msf_jax.benchmark.train_speed import TrainStep, _torch_step
 
 
 def best_ms(fn, k: int = 8) -> float:
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(k):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3
+    """Milliseconds of the fastest of k calls, after one warm-up (compile) call."""
+    timed(fn)
+    return min(timed(fn) for _ in range(k)) * 1e3
 
 
 def _setup():
@@ -70,18 +66,13 @@ def parts() -> None:
     jax_ms = dict(forward=best_ms(lambda: fwd(state["params"], x0, t, labels)),
                   forward_backward=best_ms(lambda: grad(state["params"])), step=best_ms(one_step))
     print("jax   ", {k: round(v, 1) for k, v in jax_ms.items()}, "ms")
-    try:
-        import torch
-    except ImportError:
-        print("torch not installed: no PyTorch column")
+    ref = _torch_step(CPU_TRAIN)  # the benchmark's own reference (None without torch + diffusers)
+    if ref is None:
+        print("torch/diffusers not installed: no PyTorch column")
         return
-    from msf_jax.benchmark.torch_ref import TorchDiTStep
+    import torch
 
-    s = CPU_TRAIN
-    ref = TorchDiTStep(depth=s.depth, hidden_size=s.hidden_size, num_heads=s.num_heads, patch_size=s.patch_size,
-                       input_size=s.input_size, in_channels=s.channels, num_classes=s.num_classes,
-                       batch_size=s.batch)
-    tt = torch.randint(0, 1000, (s.batch,))
+    tt = torch.randint(0, 1000, (CPU_TRAIN.batch,))
 
     def t_forward():
         with torch.no_grad():

@@ -19,7 +19,6 @@ import contextlib
 import glob as _glob
 import json
 import os
-import shutil
 import tempfile
 from typing import Any, Iterator
 
@@ -139,7 +138,8 @@ def committed(p: str, unique: bool = False) -> Iterator[str]:
     """
     p = abspath(p)
     uncommit(p)
-    if is_remote(p):
+    remote = is_remote(p)
+    if remote:
         fd, tmp = tempfile.mkstemp(prefix="msf_jax_", suffix="_" + basename(p))
         os.close(fd)
     else:
@@ -147,16 +147,15 @@ def committed(p: str, unique: bool = False) -> Iterator[str]:
         tmp = f"{p}.tmp.{os.getpid()}" if unique else p + ".tmp"
     try:
         yield tmp
-        if is_remote(p):
+        if remote:
             makedirs(dirname(p))
             epath.Path(tmp).copy(epath.Path(p), overwrite=True)
-        else:
-            os.replace(tmp, p)  # the commit, locally
-        if is_remote(p):
             with path(marker(p)).open("w") as f:
                 json.dump({"committed": basename(p)}, f)  # deterministic: reruns give identical directories
+        else:
+            os.replace(tmp, p)  # the commit, locally
     finally:
-        if is_remote(p) and os.path.exists(tmp):
+        if remote and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -203,13 +202,3 @@ def copy_to_local(p: str, local_dir: str) -> str:
     dst = os.path.join(local_dir, basename(p))
     epath.Path(p).copy(epath.Path(dst), overwrite=True)
     return dst
-
-
-def rmtree(p: str) -> None:
-    if is_remote(p):
-        q = epath.Path(p)
-        if q.exists():
-            q.rmtree()
-    elif os.path.isdir(p):
-        shutil.rmtree(p)
-

@@ -71,16 +71,16 @@ def sample(stage_list: Sequence[Stage], models, labels, sample_keys, *, guidance
                                        cond_level=cond_level))
     factorizer = stage_list[0].factorizer
     if factorizer is None:  # the single-stage DiT
-        z, partials = components[0], components[:1]
+        z = components[0]
+    elif len(components) == factorizer.num_components:
+        z = factorizer.compose(components)
     else:
-        if len(components) == factorizer.num_components:
-            z = factorizer.compose(components)
-        else:
-            z = factorizer.upsampled(components)
-        partials = [factorizer.upsampled(components[:k]) for k in range(1, len(components))] + [z]
-    if return_components:
-        return z, {"components": components, "partials": partials}
-    return z
+        z = factorizer.upsampled(components)
+    if not return_components:
+        return z
+    partials = [z] if factorizer is None else \
+        [factorizer.upsampled(components[:k]) for k in range(1, len(components))] + [z]
+    return z, {"components": components, "partials": partials}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -231,18 +231,17 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
         multihost_utils.sync_global_devices("msf_jax_sampling_done")
     if jax.process_index() == 0:
         part_paths = [_part_path(parts_dir, s) for s in range(num_shards)]
-        with paths.open(part_paths[0], "rb") as fp, np.load(fp) as first:
-            h, w, c = first["images"].shape[1:]
+        with paths.open(part_paths[0], "rb") as fp, np.load(fp) as first:  # one read of the first part
+            first_images = first["images"][:64]
+        h, w, c = first_images.shape[1:]
         if "npz" in wanted:
             path = paths.join(out_dir, f"samples_{n}x{h}x{w}x{c}.npz")
             if not paths.is_committed(path):
                 outputs.write_adm_npz(path, part_paths, (n, h, w, c))
             written["npz"] = path
         if "grid" in wanted:
-            with paths.open(part_paths[0], "rb") as fp, np.load(fp) as first:
-                grid_images = first["images"][:64]
             written["grid"] = outputs.save_png(paths.join(out_dir, "grid.png"),
-                                               outputs.image_grid(grid_images), upscale=max(1, 128 // h))
+                                               outputs.image_grid(first_images), upscale=max(1, 128 // h))
         if "tfrecord" in wanted:
             written["tfrecords"] = paths.glob(paths.join(out_dir, "shard-*.tfrecord"))
     return written

@@ -13,7 +13,6 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P

@@ -60,7 +60,7 @@ def latent_cache_stats(config) -> FactorStats | None:
         return None
     cache_dir = paths.abspath(config.data.cache_dir)
     meta_path, stats_path = paths.join(cache_dir, METADATA_FILE), paths.join(cache_dir, STATS_FILE)
-    if not (paths.exists(meta_path) and paths.exists(stats_path)):
+    if not (paths.is_committed(meta_path) and paths.is_committed(stats_path)):
         return None
     measured = paths.read_json(meta_path).get("factor_stats", {}).get("factorizer", {})
     wanted = {k: config.factorizer[k] for k in ("mode", "factor", "levels", "upsample")}
@@ -88,7 +88,7 @@ def resolve_stats(config, workdir: str | None, *, measure: bool = True) -> Facto
     if path and paths.is_committed(path):
         return FactorStats.load(path)
     if not measure:
-        raise FileNotFoundError(f"factorizer statistics not found: set factorizer.stats_path"
+        raise FileNotFoundError("factorizer statistics not found: set factorizer.stats_path"
                                 + (f" (no {path})" if path else ""))
     if not workdir:
         raise ValueError("resolve_stats(measure=True) needs the run's workdir to save the statistics in")

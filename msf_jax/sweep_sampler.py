@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,6 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msf_jax import pipeline, stages
-from msf_jax.diffusion import make_process
 from msf_jax.diffusion import samplers
 from msf_jax.pipeline import Decoder, sample_keys
 
@@ -87,7 +85,6 @@ class SweepSampler:
                  mesh: Mesh | None = None):
         self.config = config
         self.factorizer = factorizer
-        self.shape = stages.data_shape(config)
         self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
         self.num_devices = self.mesh.devices.size
         self.models = models
@@ -101,7 +98,6 @@ class SweepSampler:
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P("data"))
         self.states = jax.device_put(states, self.replicated)
-        self.noise_cond = bool(config.residual_cond.noise_augment)
         self.batch_size = -(-int(config.sample.batch_size) // self.num_devices) * self.num_devices
         self.traces = 0
         self._programs: dict[tuple, jax.stages.Compiled] = {}
@@ -181,7 +177,7 @@ class SweepSampler:
         if key not in self._calls:
             model = self.models[name]
             cfg = self.stages[name].config
-            self._calls[key] = count_model_calls(make_process(cfg), run.sampler, run.steps,
+            self._calls[key] = count_model_calls(self.stages[name].process, run.sampler, run.steps,
                                                  int(model.out_channels), cfg.heun_final_step)
         return self._calls[key]
 
@@ -189,15 +185,11 @@ class SweepSampler:
         """FLOPs per image of one evaluation of stage `name`'s model (guided: both CFG halves)."""
         if (name, guided) in self._flops:
             return self._flops[(name, guided)]
-        cfg, model = self.stages[name].config, self.models[name]
-        shapes = {"dit": [self.shape]}.get(name) or self.factorizer.component_shapes(self.shape)
-        shape = shapes[0] if name in ("dit", "base") else shapes[1]
-        x = jax.ShapeDtypeStruct((1,) + tuple(shape), jnp.float32)
-        cond = level = None
-        if name == "residual":
-            cond = jax.ShapeDtypeStruct((1,) + tuple(self.factorizer.condition_shape(self.shape, 1)),
-                                        jnp.float32)
-            level = jax.ShapeDtypeStruct((1,), jnp.float32) if self.noise_cond else None
+        stage, model = self.stages[name], self.models[name]
+        cfg = stage.config
+        x = jax.ShapeDtypeStruct((1,) + tuple(stage.target_shape), jnp.float32)
+        cond = None if stage.cond_shape is None else jax.ShapeDtypeStruct((1,) + tuple(stage.cond_shape), jnp.float32)
+        level = jax.ShapeDtypeStruct((1,), jnp.float32) if stage.noise_cond else None
         graphdef = self.graphdefs[name]
 
         def one_call(state, x, t, y, cond, level):

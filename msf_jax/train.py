@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -200,8 +199,8 @@ def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
             save_now = is_last or step % tc.checkpoint_every == 0
             log_now = is_last or step % tc.log_every == 0
             # Multi-host preemption goes through orbax's synchronized check (all hosts agree on the
-            # step); a single process also honours its own SIGTERM.
-            stop_now = checkpointer.reached_preemption(step) or (jax.process_count() == 1 and sigterm.raised)
+            # step); a single process also honours its own SIGTERM (the flag is only armed there).
+            stop_now = checkpointer.reached_preemption(step) or sigterm.raised
             if log_now:
                 metrics = window.compute()
                 loss = metrics["loss"]

@@ -30,7 +30,6 @@ class WindowAverage:
         self._collection = None
         self._merge = None
         self._acc = None
-        self.steps = 0
 
     def _build(self, metrics: dict[str, jax.Array]) -> None:
         self._names = {re.sub(r"\W", "_", name): name for name in sorted(metrics)}
@@ -50,7 +49,6 @@ class WindowAverage:
         if self._merge is None:
             self._build(metrics)
         self._acc = self._merge(self._acc, metrics)
-        self.steps += 1
 
     def peek(self, name: str) -> float:
         """The running mean of one metric without ending the window (a host sync)."""
@@ -64,7 +62,7 @@ class WindowAverage:
         if self._acc is None:
             return {}
         values = jax.device_get(self._acc.compute())
-        self._acc, self.steps = None, 0
+        self._acc = None
         return {self._names[field]: float(v) for field, v in values.items()}
 
 

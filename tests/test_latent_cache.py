@@ -5,7 +5,6 @@ import functools
 import os
 
 import grain
-import jax
 import numpy as np
 import pytest
 from PIL import Image

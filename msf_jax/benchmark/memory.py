@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 
 from msf_jax import axes, sharding
 from msf_jax.benchmark.common import compile_timed, memory_stats
-from msf_jax.benchmark.train_speed import StepSpec, TrainStep, build_model
+from msf_jax.benchmark.train_speed import StepSpec, TrainStep
 
 
 def _row(spec: StepSpec, devices: int, compiled, compile_s: float, saved_gib: float | None) -> dict:
@@ -37,7 +37,7 @@ def _row(spec: StepSpec, devices: int, compiled, compile_s: float, saved_gib: fl
 
 def saved_activation_gib(ts: TrainStep) -> float | None:
     """GiB the model's forward keeps for the backward at the spec's batch (JAX's saved residuals of
-    the forward's VJP w.r.t. the parameters, the parameters themselves excluded; traced, not run)."""
+    the forward's VJP, the parameters and inputs themselves excluded; traced, not run)."""
     try:
         from jax._src.ad_checkpoint import saved_residuals  # the function behind print_saved_residuals
     except ImportError:
@@ -46,30 +46,28 @@ def saved_activation_gib(ts: TrainStep) -> float | None:
     n = lab.shape[0]
     t = jax.ShapeDtypeStruct((n,), jnp.int32)
     level = None if cond is None else jax.ShapeDtypeStruct((n,), jnp.float32)
-    graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: build_model(ts.spec)), nnx.Param, ...)
+    rest = ts.abstract_state["rest"]
 
     def forward(p, x, tt, y, c, lvl):
-        return nnx.merge(graphdef, p, rest)(x, tt, y, c, lvl)
+        return nnx.merge(ts.graphdef, p, rest)(x, tt, y, c, lvl)
 
-    residuals = saved_residuals(forward, params, img, t, lab, cond, level)
+    residuals = saved_residuals(forward, ts.abstract_state["params"], img, t, lab, cond, level)
     nbytes = sum(np.prod(aval.shape) * aval.dtype.itemsize for aval, why in residuals
                  if "from the argument" not in why and hasattr(aval, "shape"))
     return float(nbytes) / 2**30
 
 
-def single_device(spec: StepSpec) -> dict:
-    ts = TrainStep(spec)
+def single_device(ts: TrainStep, saved_gib: float | None) -> dict:
     compiled, secs = compile_timed(ts.jitted(), ts.abstract_state, *ts.abstract_batch())
-    return _row(spec, 1, compiled, secs, saved_activation_gib(ts))
+    return _row(ts.spec, 1, compiled, secs, saved_gib)
 
 
-def fsdp(spec: StepSpec, num_devices: int) -> dict:
+def fsdp(ts: TrainStep, num_devices: int, saved_gib: float | None) -> dict:
     """Parameters/EMA/optimizer state over a (1, num_devices, 1) (data, fsdp, tensor) mesh."""
     devices = jax.devices()[:num_devices]
     if len(devices) < num_devices:
         raise ValueError(f"FSDP over {num_devices} devices needs that many, have {len(devices)}")
     mesh = Mesh(np.asarray(devices).reshape(1, num_devices, 1), axes.MESH_AXES)
-    ts = TrainStep(spec)
     state_sh = sharding.state_shardings(ts.abstract_state, mesh, axes.DEFAULT_RULES)
     abstract_state = sharding.with_shardings(ts.abstract_state, state_sh)
     img_sh, lab_sh = sharding.batch_sharding(mesh, 4), sharding.batch_sharding(mesh, 1)
@@ -80,15 +78,16 @@ def fsdp(spec: StepSpec, num_devices: int) -> dict:
     jitted = ts.jitted(in_shardings=(state_sh, img_sh, lab_sh, None if cond is None else img_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)))
     compiled, secs = compile_timed(jitted, abstract_state, img, lab, cond)
-    return _row(spec, num_devices, compiled, secs, saved_activation_gib(ts))
+    return _row(ts.spec, num_devices, compiled, secs, saved_gib)
 
 
 def bench_memory(specs, *, fsdp_devices: int, remat_options=(False, True)) -> list[dict]:
     rows = []
     for spec in specs:
         for remat in remat_options:
-            s = dataclasses.replace(spec, remat=remat)
-            rows.append(single_device(s))
+            ts = TrainStep(dataclasses.replace(spec, remat=remat))
+            saved = saved_activation_gib(ts)  # per spec: the same traced forward for both rows
+            rows.append(single_device(ts, saved))
             if fsdp_devices > 1:
-                rows.append(fsdp(s, fsdp_devices))
+                rows.append(fsdp(ts, fsdp_devices, saved))
     return rows

@@ -11,14 +11,13 @@ whole sampler's own cost analysis would count one step).
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msf_jax.benchmark.common import block, compile_timed, cost_flops, median, timed
+from msf_jax.benchmark.common import compile_timed, cost_flops, median, timed
 from msf_jax.benchmark.train_speed import StepSpec, build_model
 from msf_jax.diffusion.gaussian import GaussianDiffusion
 from msf_jax.diffusion.samplers import guided_model, make_plan, sample
@@ -102,13 +101,8 @@ def msf_sampler(base: Stage, residual: Stage):
 
 def _time_runs(compiled, args, warmup: int, iters: int) -> float:
     for _ in range(warmup):
-        block(compiled(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        block(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return median(times)
+        timed(lambda: compiled(*args))
+    return median([timed(lambda: compiled(*args)) for _ in range(iters)])
 
 
 def compare_msf_dit(dit: Stage, base: Stage, residual: Stage, *, batch: int, warmup: int = 1,
@@ -180,10 +174,10 @@ def compile_vs_steps(spec: StepSpec, *, batch: int, steps=(10, 250), guidance: f
     """Compile time of the scanned DiT sampler at each number of steps (median of `rounds`
     alternating compiles, caches cleared before each), and the ratio last / first."""
     times = {s: [] for s in steps}
+    stages = {s: Stage(spec, s, guidance) for s in steps}
     labels, keys = _inputs(batch, spec.num_classes)
     for _ in range(rounds):
-        for s in steps:
-            stage = Stage(spec, s, guidance)
+        for s, stage in stages.items():
             jax.clear_caches()
             times[s].append(compile_timed(dit_sampler(stage), stage.params, labels, keys)[1])
     out = {s: median(v) for s, v in times.items()}

@@ -29,7 +29,7 @@ from msf_jax.axes import EMBED, HEADS, MLP, OUT, PATCH
 from msf_jax.models.attention import ATTENTION_IMPLS, attend
 # Re-exported: the embeddings and helpers are part of this module's interface.
 from msf_jax.models.dit_layers import (FREQ_EMBED_SIZE, LN_EPS, LabelEmbedder, TimestepEmbedder,  # noqa: F401
-                                       _linear, _normal002, _xavier, _zeros, get_2d_sincos_pos_embed,
+                                       _linear, _zeros, get_2d_sincos_pos_embed,
                                        timestep_embedding)
 
 # Rematerialization policies of the blocks (`remat_policy`): what the backward pass may keep.
@@ -331,8 +331,8 @@ def dit_from_config(model_cfg: Any, *, input_size: int, in_channels: int, num_cl
         elif field not in arch:
             raise ValueError(f"model config {name!r}: {field} must be set (no registry value)")
     opts = config_defaults()
-    for field, cast in (("mlp_ratio", float), ("class_dropout_prob", float), ("learn_sigma", bool),
-                        ("attention", str), ("remat_policy", str), ("stream_dtype", str)):
+    for field in CONFIG_FIELDS:
+        cast = type(opts[field])  # float, bool or str, as the defaults are
         value = _get(model_cfg, field, None)
         if value is not None and not (cast is str and value == ""):
             opts[field] = cast(value)
