@@ -57,10 +57,11 @@ def test_every_section_tiny(tmp_path):
     assert rows[(2, False)]["argument_gib"] < rows[(1, False)]["argument_gib"]
     # Saved activations (backend-independent): remat keeps only block inputs; FSDP halves the batch.
     assert rows[(1, True)]["saved_gib"] < 0.5 * rows[(1, False)]["saved_gib"]
-    # ... measured independently: the saved activations of a model traced at half the batch.
+    # ... measured independently: the saved activations of a model traced at half the batch (up to the
+    # few residuals that do not scale with the batch).
     spec = dataclasses.replace(presets.get("tiny").memory_models[0], remat=False)
     half = saved_activation_gib(TrainStep(dataclasses.replace(spec, batch=spec.batch // 2)))
-    np.testing.assert_allclose(rows[(2, False)]["saved_gib"], half, rtol=1e-6)
+    np.testing.assert_allclose(rows[(2, False)]["saved_gib"], half, rtol=1e-3)  # batch-free residuals differ
 
     readers = res["input"]
     assert len(readers) == 2 and all(r["examples_per_s"] > 0 and r["headroom"] > 0 for r in readers)
