@@ -25,9 +25,9 @@ def main(argv=None):
     import numpy as np
 
     from configs import demo as demo_config
-    from msf_jax import demo, evaluate
-    from msf_jax import sample as sample_lib
     from msf_jax.data import input_pipeline
+    from msf_jax.jobs import demo, evaluate
+    from msf_jax.jobs import sample as sample_lib
 
     config = demo_config.get_config()
     if args.num_steps:

@@ -113,7 +113,7 @@ def _random_latent_models(root: str) -> None:
 
 
 def save(root: str) -> None:
-    from msf_jax import train
+    from msf_jax.jobs import train
 
     os.makedirs(root, exist_ok=True)
     train.train_and_evaluate(_trainable("base"), os.path.join(root, "base"))
@@ -129,7 +129,7 @@ def save(root: str) -> None:
 
 
 def _sample(variant: str, root: str, tag: str) -> np.ndarray:
-    from msf_jax import sample
+    from msf_jax.jobs import sample
 
     out = os.path.join(root, f"{tag}_{variant}")
     shutil.rmtree(out, ignore_errors=True)

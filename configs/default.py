@@ -7,8 +7,8 @@ Override on the command line: `--config=configs/default.py --config.train.batch_
 
 import ml_collections
 
-from msf_jax import axes
 from msf_jax.models.dit import config_defaults as dit_config_defaults
+from msf_jax.runtime import axes
 
 
 def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "ddpm",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # msf_jax on a SLURM GPU cluster: ONE PROCESS PER NODE, each driving all of its node's GPUs
-# (msf_jax.distributed starts JAX with every local GPU; a process per GPU also works, see README).
+# (msf_jax.runtime.distributed starts JAX with every local GPU; a process per GPU also works, see README).
 #
 #   launch/gpu_slurm.sh [--dry-run] [--nodes N] [--gpus-per-node G] [--partition P] [--account A]
 #                       [--time HH:MM:SS] [--name RUN] [--logs DIR] -- msf_jax.main flags...

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msf_jax import paths
+from msf_jax.runtime import paths
 
 MODES = ("laplacian", "haar")
 UPSAMPLES = ("nearest", "bilinear")

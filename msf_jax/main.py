@@ -32,33 +32,33 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 
 def _run_mode(mode: str, config, workdir: str) -> None:
     if mode == "train":
-        from msf_jax.progress import Progress  # no JAX: the line shows before the slow imports
+        from msf_jax.runtime.progress import Progress  # no JAX: the line shows before the slow imports
 
         line = Progress(config.train.num_steps, f"train {config.stage}", unit="step", phase="starting")
-        from msf_jax import train
+        from msf_jax.jobs import train
 
         summary = train.train_and_evaluate(config, workdir, progress=line)
         logging.info("Stopped at step %d (%s)", summary["step"],
                      "preempted" if summary["preempted"] else "done")
     elif mode == "sample":
-        from msf_jax import sample
+        from msf_jax.jobs import sample
 
         sample.sample_to_files(config, workdir)
     elif mode == "evaluate":
-        from msf_jax import evaluate
+        from msf_jax.jobs import evaluate
 
         results = evaluate.evaluate_from_config(config, workdir)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in results.items()))
     elif mode == "extract_latents":
-        from msf_jax import extract
+        from msf_jax.jobs import extract
 
         extract.extract_latents(config, workdir)
     elif mode == "sweep":
-        from msf_jax import sweep
+        from msf_jax.jobs import sweep
 
         sweep.run_sweep(config, workdir)
     elif mode == "demo":
-        from msf_jax import demo
+        from msf_jax.jobs import demo
 
         demo.run_demo(config, workdir)
 
@@ -81,7 +81,7 @@ def main(argv) -> None:
     logging.get_absl_handler().addFilter(_LibraryInfoFilter())
     config = _CONFIG.value
     if config is None:
-        from msf_jax import demo  # `--mode=demo` without --config uses the demo config
+        from msf_jax.jobs import demo  # `--mode=demo` without --config uses the demo config
 
         if _MODE.value != "demo":
             raise app.UsageError("--config is required (e.g. --config=configs/default.py)")
@@ -89,11 +89,11 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or ("demo_out" if _MODE.value == "demo" else None)
     if not workdir:
         raise app.UsageError("--workdir is required")
-    from msf_jax import compile_cache
+    from msf_jax.runtime import compile_cache
 
     compile_cache.enable(_COMPILATION_CACHE.value)
     try:
-        from msf_jax import distributed
+        from msf_jax.runtime import distributed
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # every mode
         _run_mode(_MODE.value, config, workdir)
@@ -141,7 +141,7 @@ def _local_config_files(argv: list[str]) -> list[str]:
         if value and "://" in value:
             import tempfile
 
-            from msf_jax import paths
+            from msf_jax.runtime import paths
 
             end = value.find(".py") + 3 if ".py" in value else len(value)  # keep a `:config_string` suffix
             local = paths.copy_to_local(value[:end], tempfile.mkdtemp(prefix="msf_jax_config_")) + value[end:]

@@ -20,10 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from msf_jax import paths
 from msf_jax.data import input_pipeline
 from msf_jax.data.latent_cache import METADATA_FILE, STATS_FILE
 from msf_jax.factorize import Factorizer, FactorStats, compute_stats
+from msf_jax.runtime import paths
 
 RUN_STATS_FILE = "factor_stats.json"  # in a training workdir
 

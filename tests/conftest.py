@@ -25,12 +25,12 @@ import pytest  # noqa: E402
 def fake_gcs(tmp_path, monkeypatch):
     """gs://… paths are served from tmp_path/gcs; every gs path the code hands to epath is recorded.
 
-    Yields (root, seen). Only `msf_jax.paths` is patched: code that bypasses the path layer (plain
+    Yields (root, seen). Only `msf_jax.runtime.paths` is patched: code that bypasses the path layer (plain
     `open`, `os.makedirs`) fails on gs:// or writes a local `gs:` directory, which tests check for.
     """
     from etils import epath
 
-    from msf_jax import paths
+    from msf_jax.runtime import paths
 
     root, seen, real = tmp_path / "gcs", [], epath.Path
 

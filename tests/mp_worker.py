@@ -3,7 +3,7 @@
     python tests/mp_worker.py SPEC_JSON
 
 SPEC: {process_id, num_processes, port, devices, out, jobs: [{kind: train|restore|sample|extract, ...}]}.
-Each process joins through msf_jax.distributed (explicit coordinator on localhost, gloo CPU
+Each process joins through msf_jax.runtime.distributed (explicit coordinator on localhost, gloo CPU
 collectives), runs the jobs in order, and process 0 writes what the test compares under `out`.
 """
 
@@ -24,7 +24,7 @@ from flax import nnx  # noqa: E402
 
 from absl import logging  # noqa: E402
 
-from msf_jax import distributed  # noqa: E402
+from msf_jax.runtime import distributed  # noqa: E402
 
 logging.set_verbosity(logging.INFO)  # the topology and resume lines the test reads
 
@@ -48,13 +48,13 @@ def _save(name, tree):
 
 
 def train(job):
-    from msf_jax import train as train_lib
+    from msf_jax.jobs import train as train_lib
     from tests.tiny import tiny_config
 
     config = tiny_config(job.get("stage", "base"), num_steps=job["steps"],
                          checkpoint_every=job.get("checkpoint_every", 2))
     config.train.keep_checkpoints = 10
-    from msf_jax.progress import Progress
+    from msf_jax.runtime.progress import Progress
 
     class Preempt(Progress):  # the progress line hears of every step: the hook for the signal
         def update(self, n=1, extra=None):
@@ -74,9 +74,9 @@ def train(job):
 
 def restore(job):
     """The state a checkpoint restores to on this process layout (no training)."""
-    from msf_jax import checkpoint as ckpt_lib
-    from msf_jax import sharding
-    from msf_jax import train as train_lib
+    from msf_jax.jobs import train as train_lib
+    from msf_jax.runtime import checkpoint as ckpt_lib
+    from msf_jax.runtime import sharding
     from msf_jax.stats import resolve_stats
     from tests.tiny import tiny_config
 
@@ -92,7 +92,7 @@ def restore(job):
 def sample(job):
     """`--mode=sample` (sample.sample_to_files) from the base and residual runs' checkpoints; records the
     EMA weights this process restored and the sample indices it generated."""
-    from msf_jax import sample as sample_lib
+    from msf_jax.jobs import sample as sample_lib
     from tests.tiny import tiny_config
 
     config = tiny_config()
@@ -121,7 +121,7 @@ def sample(job):
 
 
 def extract(job):
-    from msf_jax import extract as lc
+    from msf_jax.jobs import extract as lc
     from configs import default
     from tests.tiny import tiny_vae
 

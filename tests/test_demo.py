@@ -4,7 +4,7 @@ import json
 import os
 
 from configs import demo as demo_config
-from msf_jax import demo
+from msf_jax.jobs import demo
 
 
 def test_demo_writes_grid_and_metrics(tmp_path):

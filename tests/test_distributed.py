@@ -2,7 +2,7 @@
 
 import pytest
 
-from msf_jax import distributed
+from msf_jax.runtime import distributed
 
 SLURM = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "0",
          "SLURM_STEP_NODELIST": "gpu[007-008]", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"}

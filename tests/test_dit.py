@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from msf_jax import axes
 from msf_jax.convert import __main__ as convert_cli
 from msf_jax.convert.common import ConversionError, flatten, load_into_model, unflatten
 from msf_jax.convert.dit import convert_diffusers_dit, convert_official_dit, infer_config, load_dit
 from msf_jax.models.dit import (CONFIG_FIELDS, DIT_CONFIGS, DiT, config_defaults, dit_flops_per_example,
                                 dit_from_config)
+from msf_jax.runtime import axes
 
 # Two small diffusers configs: (layers, heads, head_dim, patch, sample_size, in_channels, classes).
 PARITY_CONFIGS = [(2, 4, 16, 2, 8, 4, 10), (3, 2, 24, 4, 16, 3, 7)]

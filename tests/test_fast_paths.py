@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from msf_jax import compile_cache
 from msf_jax.models import attention as attn
 from msf_jax.models.dit import REMAT_POLICIES, DiT
+from msf_jax.runtime import compile_cache
 
 # float32: the kernels differ only in summation order.
 F32_TOL = 2e-5

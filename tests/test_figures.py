@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from msf_jax import figures
+from msf_jax.runtime import figures
 
 
 def _components(n=3, size=16, f=2, seed=0):

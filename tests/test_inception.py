@@ -164,7 +164,7 @@ def test_conversion_errors_name_keys(torch_nets, tmp_path):
 
 
 def test_evaluate_npz_fid_end_to_end(converted, tmp_path, monkeypatch):
-    from msf_jax import evaluate
+    from msf_jax.jobs import evaluate
     from msf_jax.metrics import features
 
     rng = np.random.RandomState(3)

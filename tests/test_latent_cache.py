@@ -10,11 +10,11 @@ import pytest
 from PIL import Image
 
 from configs import default
-from msf_jax import extract, train
 from msf_jax.data import input_pipeline as ip
 from msf_jax.data import latent_cache as lc
 from msf_jax.data import sources
 from msf_jax.factorize import FactorStats
+from msf_jax.jobs import extract, train
 from msf_jax.models import vae as vae_lib
 from tests.tiny import tiny_config, tiny_vae
 

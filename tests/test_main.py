@@ -4,7 +4,8 @@ import types
 
 import pytest
 
-from msf_jax import extract, main
+from msf_jax import main
+from msf_jax.jobs import extract
 from tests.tiny import tiny_config
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from msf_jax import evaluate
+from msf_jax.jobs import evaluate
 from msf_jax.metrics import swd
 
 

@@ -1,6 +1,6 @@
 """Multi-host for real: 2 processes x 4 CPU devices on localhost against 1 process x 8 devices.
 
-Each process is `tests/mp_worker.py`, joined through `msf_jax.distributed` (explicit local coordinator,
+Each process is `tests/mp_worker.py`, joined through `msf_jax.runtime.distributed` (explicit local coordinator,
 gloo CPU collectives). Worker runs are shared between the assertions (a module fixture runs five
 sessions); every session has a timeout and its whole process group is killed when it fails, so a
 crashed peer cannot hang the suite.

@@ -8,9 +8,9 @@ import os
 import numpy as np
 import pytest
 
-from msf_jax import checkpoint as ckpt_lib
-from msf_jax import outputs, paths
 from msf_jax.factorize import FactorStats
+from msf_jax.runtime import checkpoint as ckpt_lib
+from msf_jax.runtime import outputs, paths
 
 
 def test_local_paths_unchanged(tmp_path, monkeypatch):
@@ -93,7 +93,7 @@ def test_uncommitted_output_is_redone(fake_gcs, tmp_path):
 
 
 def test_sampling_resumes_only_committed_parts(fake_gcs):
-    from msf_jax import sample as sample_lib
+    from msf_jax.jobs import sample as sample_lib
     from tests.tiny import tiny_config
 
     root, seen = fake_gcs

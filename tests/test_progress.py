@@ -11,8 +11,8 @@ import jax
 import numpy as np
 from clu import metric_writers
 
-from msf_jax import train, train_report
-from msf_jax.progress import Progress, format_secs
+from msf_jax.jobs import train, train_report
+from msf_jax.runtime.progress import Progress, format_secs
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def test_log_line_is_sparse_and_terminal_line_is_redrawn():
 
 def test_rate_and_eta(monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr("msf_jax.progress.time.perf_counter", lambda: clock[0])
+    monkeypatch.setattr("msf_jax.runtime.progress.time.perf_counter", lambda: clock[0])
     p = Progress(100, "x", unit="step", stream=io.StringIO(), tty=False, log_secs=1)
     p.update(1)  # the first step (after compilation) starts the clock
     clock[0] += 10.0

@@ -7,8 +7,9 @@ import os
 import jax
 import numpy as np
 
-from msf_jax import pipeline, train
-from msf_jax import sample as sample_lib
+from msf_jax import pipeline
+from msf_jax.jobs import sample as sample_lib
+from msf_jax.jobs import train
 from tests.tiny import tiny_config
 
 

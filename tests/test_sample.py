@@ -11,9 +11,9 @@ from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import Mesh
 
-from msf_jax import sample as sample_lib
 from msf_jax import stages
 from msf_jax.factorize import Factorizer
+from msf_jax.jobs import sample as sample_lib
 from tests.tiny import tiny_config
 
 
@@ -75,7 +75,7 @@ def test_labels_balanced_and_random():
 def test_files_resume_npz_and_tfrecord(setup, tmp_path):
     import tensorflow as tf
 
-    from msf_jax import outputs
+    from msf_jax.runtime import outputs
 
     config, stage_list, models = setup
     gen = sample_lib.Generator(config, stage_list, models)
@@ -119,7 +119,7 @@ def test_files_resume_npz_and_tfrecord(setup, tmp_path):
 
 def test_sample_and_evaluate_from_training_workdirs(tmp_path):
     """The whole path a user takes: train both stages, --mode=sample from their workdirs, --mode=evaluate."""
-    from msf_jax import evaluate, train
+    from msf_jax.jobs import evaluate, train
 
     for stage in ("base", "residual"):
         config = tiny_config(stage, num_steps=1)
@@ -192,8 +192,8 @@ def test_latent_space_samples_are_decoded_by_the_vae(tmp_path):
 def test_sampling_from_a_workdir_reads_only_the_ema_weights(tmp_path, monkeypatch, caplog):
     """No trainer, no params, no optimizer moments: a partial restore of the EMA item (~1x params),
     and no orbax warnings (its read-only CheckpointManager warns about every option it overrides)."""
-    from msf_jax import checkpoint as ckpt_lib
-    from msf_jax import train
+    from msf_jax.jobs import train
+    from msf_jax.runtime import checkpoint as ckpt_lib
 
     config = tiny_config("base", num_steps=2, ema_decay=0.5)
     saved = jax.device_get(train.train_and_evaluate(config, str(tmp_path))["state"])

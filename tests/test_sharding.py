@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from msf_jax import axes, sharding
+from msf_jax.runtime import axes, sharding
 
 
 def _fn(params, x, y):

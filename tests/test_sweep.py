@@ -11,12 +11,13 @@ from flax import nnx
 from jax.sharding import Mesh
 from PIL import Image
 
-from msf_jax import frontier, stages
-from msf_jax import sample as sample_lib
-from msf_jax import sweep as sweep_lib
+from msf_jax import stages
 from msf_jax.factorize import Factorizer
+from msf_jax.jobs import frontier
+from msf_jax.jobs import sample as sample_lib
+from msf_jax.jobs import sweep as sweep_lib
+from msf_jax.jobs.sweep_sampler import StageRun, SweepSampler
 from msf_jax.models.dit import dit_flops_per_example
-from msf_jax.sweep_sampler import StageRun, SweepSampler
 from tests.tiny import tiny_config
 
 
@@ -205,7 +206,7 @@ def test_mode_sweep_from_converted_files(tmp_path):
 
 def test_sweep_on_object_store(setup, fake_gcs, tmp_path, monkeypatch):
     """A gs:// workdir: every output lands in the store, committed; a rerun trusts only committed results."""
-    from msf_jax import paths
+    from msf_jax.runtime import paths
 
     _, _, _, sampler = setup
     root, seen = fake_gcs

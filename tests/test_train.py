@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from msf_jax import sharding, train
 from msf_jax import stats as stats_lib
 from msf_jax.factorize import Factorizer
-from msf_jax.progress import Progress
+from msf_jax.jobs import train
+from msf_jax.runtime import sharding
+from msf_jax.runtime.progress import Progress
 from tests.tiny import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,7 +95,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 
 
 def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
-    from msf_jax.checkpoint import CheckpointMismatchError
+    from msf_jax.runtime.checkpoint import CheckpointMismatchError
 
     train.train_and_evaluate(tiny_config(num_steps=2), str(tmp_path))
     other = tiny_config(num_steps=4)
@@ -106,7 +107,7 @@ def test_mismatched_checkpoint_is_one_clear_error(tmp_path):
 def test_execution_choices_are_not_part_of_the_model_signature():
     """Attention kernel, remat policy and stream dtype may differ between training and sampling, and
     checkpoints written before those fields existed still restore; the architecture must agree."""
-    from msf_jax.checkpoint import _model_signature, config_to_dict
+    from msf_jax.runtime.checkpoint import _model_signature, config_to_dict
 
     now = config_to_dict(tiny_config())
     old = config_to_dict(tiny_config())

@@ -180,7 +180,7 @@ def _write_json(path: str, results: dict) -> None:
     """The results to `path` (local or gs://), committed through `paths`; '' writes nothing."""
     if not path:
         return
-    from msf_jax import paths  # etils only: the benchmark stays importable without the training stack
+    from msf_jax.runtime import paths  # etils only: the benchmark stays importable without the training stack
 
     paths.write_committed_json(path, results, default=str)
 

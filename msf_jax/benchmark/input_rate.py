@@ -94,7 +94,7 @@ def bench_input(num_examples: int, image_size: int, step_images_per_s: float | N
                          examples_per_s=read_rate(d, batch=batch, batches=batches, min_seconds=min_seconds)))
         start = time.perf_counter()
         try:
-            from msf_jax.extract import extract_latents
+            from msf_jax.jobs.extract import extract_latents
         except ImportError:
             extract_latents = _module("latent_cache").extract_latents
         extract_latents(config, None, vae=_small_vae())

@@ -24,9 +24,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from msf_jax import axes, sharding
 from msf_jax.benchmark.common import compile_timed, memory_stats
 from msf_jax.benchmark.train_speed import StepSpec, TrainStep
+from msf_jax.runtime import axes, sharding
 
 
 def _row(spec: StepSpec, devices: int, compiled, compile_s: float, saved_gib: float | None) -> dict:

@@ -5,5 +5,5 @@
     sources         random-access tfds / image-folder sources and per-example decoding
     iterators       generic grain assembly: shard, shuffle, batch valid examples, skip counts
     images          image decoding, ADM center crop, skip reasons; synthetic: the demo set
-Writing the latent cache is a job of its own (`msf_jax.extract`).
+Writing the latent cache is a job of its own (`msf_jax.jobs.extract`).
 """

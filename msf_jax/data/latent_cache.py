@@ -1,6 +1,6 @@
 """Latent cache format and reader: SD-VAE posterior moments of a dataset in ArrayRecord shards.
 
-The cache is written by `--mode=extract_latents` (`msf_jax.extract`); this module is what both sides
+The cache is written by `--mode=extract_latents` (`msf_jax.jobs.extract`); this module is what both sides
 share (record format, file names, metadata) and what latent-space training reads
 (`config.data.source = "latent_cache"`, through `data.input_pipeline`).
 
@@ -36,8 +36,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from msf_jax import paths
 from msf_jax.data.iterators import build_iterator
+from msf_jax.runtime import paths
 
 __all__ = ["encode_record", "decode_record", "cache_dir_for", "load_metadata", "shard_name", "sidecar_name",
            "cache_source", "create_train_iterator", "source_data_config", "checked_metadata",

@@ -15,9 +15,9 @@ from typing import Callable, Iterable
 import numpy as np
 from scipy import linalg
 
-from msf_jax import paths
 from msf_jax.metrics.files import EvaluationError, iterate_batches, load_npz_images, npz_keys
-from msf_jax.progress import Progress
+from msf_jax.runtime import paths
+from msf_jax.runtime.progress import Progress
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import numpy as np
 
-from msf_jax import paths
+from msf_jax.runtime import paths
 
 
 class EvaluationError(ValueError):

@@ -9,7 +9,7 @@ A faithful port of facebookresearch/DiT `models.py` (see DESIGN.md §4), NHWC th
 MSF extensions: `cond_channels` (conditioning channels concatenated to the noisy input, e.g. the
 upsampled base for the residual stage) and `noise_cond` (a second timestep embedder for the level of
 the noise-conditioning augmentation applied to `cond`). Every parameter carries logical axis names from
-`msf_jax.axes` (metadata only; msf_jax.sharding places them).
+`msf_jax.runtime.axes` (metadata only; msf_jax.runtime.sharding places them).
 
 Parameter names follow the official checkpoint (x_embedder, t_embedder, y_embedder, blocks.N.attn.qkv,
 ...), so that `msf_jax.convert.dit` is a list of renames and transposes.
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from msf_jax.axes import EMBED, HEADS, MLP, OUT, PATCH
 from msf_jax.models.attention import ATTENTION_IMPLS, attend
+from msf_jax.runtime.axes import EMBED, HEADS, MLP, OUT, PATCH
 # Re-exported: the embeddings and helpers are part of this module's interface.
 from msf_jax.models.dit_layers import (FREQ_EMBED_SIZE, LN_EPS, LabelEmbedder, TimestepEmbedder,  # noqa: F401
                                        _linear, _zeros, get_2d_sincos_pos_embed,

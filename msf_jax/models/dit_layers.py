@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msf_jax.axes import CLASSES, EMBED, FREQ, MLP
+from msf_jax.runtime.axes import CLASSES, EMBED, FREQ, MLP
 
 FREQ_EMBED_SIZE = 256  # sinusoidal timestep features (DiT's frequency_embedding_size)
 LN_EPS = 1e-6

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from msf_jax import axes
-from msf_jax.sharding import BatchedFn
+from msf_jax.runtime import axes
+from msf_jax.runtime.sharding import BatchedFn
 
 INPUT_SIZE = 299
 NUM_CLASSES = 1008  # the 2015 graph's softmax has 1008 outputs (1000 classes + 8 unused)

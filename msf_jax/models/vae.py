@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from msf_jax import axes
-from msf_jax.sharding import BatchedFn
+from msf_jax.runtime import axes
+from msf_jax.runtime.sharding import BatchedFn
 
 SCALING_FACTOR = 0.18215  # SD-VAE latent scale (latent-diffusion / Stable Diffusion v1)
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # posterior log-variance clip, as in DiagonalGaussianDistribution

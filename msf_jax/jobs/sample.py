@@ -20,12 +20,13 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msf_jax import checkpoint as ckpt_lib
-from msf_jax import distributed, outputs, paths, pipeline, stages
+from msf_jax import pipeline, stages
 from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.pipeline import Decoder, make_decoder, pixels_to_uint8, sample_keys  # noqa: F401 (re-exported)
-from msf_jax.progress import Progress
-from msf_jax.sharding import BatchedFn
+from msf_jax.runtime import checkpoint as ckpt_lib
+from msf_jax.runtime import distributed, outputs, paths
+from msf_jax.runtime.progress import Progress
+from msf_jax.runtime.sharding import BatchedFn
 from msf_jax.stages import Stage
 from msf_jax.stats import resolve_stats
 

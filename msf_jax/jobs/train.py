@@ -20,13 +20,15 @@ from absl import logging
 from clu import metric_writers
 from flax import nnx
 
-from msf_jax import checkpoint as ckpt_lib
-from msf_jax import distributed, sharding, stages, train_report, train_step
+from msf_jax import stages, train_step
 from msf_jax.data import input_pipeline
 from msf_jax.data.order import ORDER_VERSION
 from msf_jax.factorize import Factorizer, FactorStats
+from msf_jax.jobs import train_report
 from msf_jax.models.dit import dit_flops_per_example
-from msf_jax.progress import Progress
+from msf_jax.runtime import checkpoint as ckpt_lib
+from msf_jax.runtime import distributed, sharding
+from msf_jax.runtime.progress import Progress
 from msf_jax.stats import batch_to_z, resolve_stats
 
 DTYPES = stages.DTYPES
@@ -265,7 +267,7 @@ def _examples_seen(checkpointer, step: int, batch_size: int) -> int:
 def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int, writer) -> None:
     """EMA samples of this stage as a PNG grid and a TensorBoard image (pixel space, or latents
     with a VAE)."""
-    from msf_jax import stage_eval
+    from msf_jax.jobs import stage_eval
 
     try:
         path = stage_eval.training_grid(config, trainer, state, workdir, step)
@@ -279,7 +281,7 @@ def _write_sample_grid(config, trainer: Trainer, state, workdir: str, step: int,
 
 def _periodic_eval(config, trainer: Trainer, state, step: int) -> dict[str, float]:
     """In-training SWD / FID of EMA samples (stage_eval); a failure is logged, never fatal."""
-    from msf_jax import stage_eval
+    from msf_jax.jobs import stage_eval
 
     try:
         results = stage_eval.periodic_eval(config, trainer, state)

@@ -25,9 +25,10 @@ from typing import Callable
 import jax
 import numpy as np
 
-from msf_jax import frontier, paths
-from msf_jax.progress import Progress
-from msf_jax.sweep_sampler import StageRun, SweepSampler
+from msf_jax.jobs import frontier
+from msf_jax.jobs.sweep_sampler import StageRun, SweepSampler
+from msf_jax.runtime import paths
+from msf_jax.runtime.progress import Progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def grid_settings(config, *, msf: bool, dit: bool) -> list[Setting]:
 # ----------------------------------------------------------------------------------------------
 def make_scorer(config, out_dir: str, num: int) -> tuple[str, Callable[[np.ndarray], dict]]:
     """(metric name, images -> {quality, metric results}) for config.eval, reference computed once."""
-    from msf_jax import evaluate
+    from msf_jax.jobs import evaluate
 
     ec = config.eval
     metric = ec.metric
@@ -189,8 +190,8 @@ def _check_run_spec(path: str, spec: dict) -> None:
 
 def make_sweep_sampler(config) -> tuple[SweepSampler, bool, bool]:
     """Loads the configured stages (as `--mode=sample` does); returns (sampler, has MSF, has DiT)."""
-    from msf_jax import sample as sample_lib
     from msf_jax.factorize import Factorizer
+    from msf_jax.jobs import sample as sample_lib
 
     models, factorizer = sample_lib.load_models(config)
     if not models:
@@ -219,7 +220,7 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
         raise ValueError("sweep grid: two settings have the same id")
     n = int(config.sweep.num_samples)
     indices = np.arange(n, dtype=np.int64)
-    from msf_jax.sample import labels_for_indices
+    from msf_jax.jobs.sample import labels_for_indices
 
     labels = labels_for_indices(indices, config.data.num_classes, config.sample.labels, config.seed)
     metric, score = make_scorer(config, out_dir, n)

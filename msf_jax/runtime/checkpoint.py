@@ -18,7 +18,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from msf_jax import paths
+from msf_jax.runtime import paths
 
 # Settings that must agree between a checkpoint and the run restoring it.
 _MODEL_KEYS = ("stage", "space", "data.image_size", "data.num_classes", "factorizer.mode",

@@ -19,7 +19,7 @@ from absl import logging
 from clu import metrics as clu_metrics
 from clu import periodic_actions
 
-from msf_jax.progress import Progress
+from msf_jax.runtime.progress import Progress
 
 
 class WindowAverage:

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from msf_jax import distributed, paths
 from msf_jax.metrics.features import (FeatureStats, compute_features, compute_image_stats,  # noqa: F401
                                       frechet_distance, inception_score, precision_recall)
 from msf_jax.metrics.files import EvaluationError, iterate_batches, load_npz_images, npz_keys  # noqa: F401
 from msf_jax.metrics.swd import laplacian_pyramid, sliced_wasserstein_distance  # noqa: F401
+from msf_jax.runtime import distributed, paths
 
 precision_recall_fn = precision_recall  # `evaluate_npz` has a flag of the same name
 
@@ -143,7 +143,7 @@ def evaluate_from_config(config, workdir: str) -> dict[str, Any]:
                                                       seed=int(config.seed) + 1000)["image"]
     mesh = None
     if ec.metric == "fid":
-        from msf_jax import sharding
+        from msf_jax.runtime import sharding
 
         mesh = sharding.create_mesh(config.mesh)
     results = evaluate_npz(samples_path, reference=reference, inception_weights=ec.inception_weights,

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from msf_jax import paths
+from msf_jax.runtime import paths
 
 FAMILY_STYLE = {"msf": ("circle", (31, 119, 180)), "dit": ("square", (255, 127, 14))}
 FRONT_COLOR = (214, 39, 40)

@@ -19,9 +19,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from msf_jax import outputs, pipeline, stages
+from msf_jax import pipeline, stages
 from msf_jax.data import input_pipeline
-from msf_jax.sharding import BatchedFn
+from msf_jax.runtime import outputs
+from msf_jax.runtime.sharding import BatchedFn
 from msf_jax.stages import Stage
 
 
@@ -88,7 +89,7 @@ def training_grid(config, trainer, state, workdir: str, step: int) -> str | None
 
 def periodic_eval(config, trainer, state) -> dict[str, float]:
     """`train.eval_num_samples` EMA samples of this stage scored against real images (SWD or FID)."""
-    from msf_jax import evaluate
+    from msf_jax.jobs import evaluate
 
     if config.space != "pixel" and not config.vae.weights:
         logging.warning("in-training eval skipped: latent space needs vae.weights to decode")

@@ -14,7 +14,7 @@ import zipfile
 import numpy as np
 from PIL import Image
 
-from msf_jax import paths
+from msf_jax.runtime import paths
 
 
 def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:

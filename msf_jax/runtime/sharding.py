@@ -1,6 +1,6 @@
 """Device mesh, logical-axis rules, parameter shardings, and host-local <-> global batches.
 
-Models name their parameter axes logically (`msf_jax.axes`); one rule table maps those names onto
+Models name their parameter axes logically (`msf_jax.runtime.axes`); one rule table maps those names onto
 the mesh axes (`data`, `fsdp`, `tensor`). The batch is split over (`data`, `fsdp`). The same code
 runs on one CPU, on simulated CPU devices, on a GPU cluster and on a multi-slice TPU pod.
 """
@@ -17,7 +17,7 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msf_jax import axes
+from msf_jax.runtime import axes
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ The cache format, file names and reader live in `msf_jax.data.latent_cache`; thi
     host the VAE runs data-parallel over its local devices (`make_encode_fn` on `sharding.local_mesh()`),
     data.cache_batch_size images at a time, each batch encoded together with its flips (2x images
     per call, padded to the device count).
-  * Resumable and atomic (`msf_jax.paths.committed`): a shard is written to a local `.tmp` and renamed
+  * Resumable and atomic (`msf_jax.runtime.paths.committed`): a shard is written to a local `.tmp` and renamed
     (locally) or uploaded (gs://, then its commit marker) into place, after its sidecar (record count,
     skip counts). A committed shard is skipped; a partial one is rewritten from scratch. Rerunning
     an interrupted extraction gives byte-identical shards to an uninterrupted one (same devices,
@@ -48,7 +48,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msf_jax import paths, sharding
 from msf_jax.data.images import SKIP_REASONS, SkipCounter, min_side_for
 from msf_jax.data.iterators import to_unit_range
 from msf_jax.data.latent_cache import (METADATA_FILE, RECORD_VERSION, SPEC_FILE, STATS_FILE, WRITER_OPTIONS,
@@ -57,7 +56,8 @@ from msf_jax.data.latent_cache import (METADATA_FILE, RECORD_VERSION, SPEC_FILE,
 from msf_jax.data.sources import decode_crop, folder_source, tfds_records
 from msf_jax.factorize import Factorizer, compute_stats
 from msf_jax.models.vae import make_encode_fn, sample_latents
-from msf_jax.progress import Progress
+from msf_jax.runtime import paths, sharding
+from msf_jax.runtime.progress import Progress
 
 __all__ = ["extract_latents"]
 
@@ -208,7 +208,7 @@ def extract_latents(config, workdir: str | None = None, vae=None, *, process_ind
     `vae`: an AutoencoderKL to use instead of loading config.vae.weights. process_index /
     process_count default to JAX's (they exist to run one host's share by hand).
     """
-    from msf_jax import distributed  # pylint: disable=g-import-not-at-top
+    from msf_jax.runtime import distributed  # pylint: disable=g-import-not-at-top
 
     distributed.initialize()  # a no-op when main.py already did it
     pi = jax.process_index() if process_index is None else int(process_index)

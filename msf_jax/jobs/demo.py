@@ -14,9 +14,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from msf_jax import outputs, paths
 from msf_jax.data import input_pipeline
 from msf_jax.factorize import Factorizer
+from msf_jax.runtime import outputs, paths
 from msf_jax.stats import RUN_STATS_FILE, resolve_stats
 
 
@@ -40,8 +40,9 @@ def stage_config(config, stage: str, stats_path: str):
 
 def run_demo(config, workdir: str) -> dict:
     """Runs the whole demo; returns the metrics it wrote."""
-    from msf_jax import evaluate, stages, train
-    from msf_jax.sample import Generator
+    from msf_jax import stages
+    from msf_jax.jobs import evaluate, train
+    from msf_jax.jobs.sample import Generator
 
     t_start = time.perf_counter()
     logging.set_verbosity(logging.WARNING)  # the demo reports its own progress lines
@@ -109,7 +110,8 @@ def write_components_figure(config, stage_list, models, path: str, rows: int = 8
     sampled base, up(base), the sampled residual (amplified) and the final image, side by side."""
     import jax.numpy as jnp
 
-    from msf_jax import figures, pipeline
+    from msf_jax import pipeline
+    from msf_jax.runtime import figures
 
     n = min(rows, config.data.num_classes)
     labels = jnp.arange(n, dtype=jnp.int32)
