@@ -131,6 +131,20 @@ def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, ja
             for k, v in local_batch.items()}
 
 
+def traced_on(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with `mesh` as JAX's context mesh while it runs, for functions handed to `jax.jit`: model
+    code that splits its own work per device reads it at trace time (the splash attention kernel runs
+    under shard_map on it; msf_jax.models.attention). Only the trace sees it: `jax.set_mesh` would
+    also place every eager array on the mesh."""
+
+    @functools.wraps(fn)
+    def on_mesh(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return on_mesh
+
+
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes a batch is split over: those of `axes.BATCH_AXES` the mesh has."""
     return tuple(a for a in axes.BATCH_AXES if a in mesh.axis_names)
@@ -181,7 +195,7 @@ class BatchedFn:
         self._in = NamedSharding(self.mesh, P(names or None))
         self._replicated = replicated(self.mesh)
         self.params = jax.device_put(params, self._replicated)
-        self.jitted = jax.jit(fn, out_shardings=self._in if out == "batch" else self._replicated)
+        self.jitted = jax.jit(traced_on(self.mesh, fn), out_shardings=self._in if out == "batch" else self._replicated)
 
     def padded_size(self, n: int) -> int:
         """The batch size a call with n rows is padded to."""
