@@ -76,7 +76,7 @@ def fsdp(ts: TrainStep, num_devices: int, saved_gib: float | None) -> dict:
     lab = jax.ShapeDtypeStruct(lab.shape, lab.dtype, sharding=lab_sh)
     cond = None if cond is None else img
     jitted = ts.jitted(in_shardings=(state_sh, img_sh, lab_sh, None if cond is None else img_sh),
-                       out_shardings=(state_sh, sharding.replicated(mesh)))
+                       out_shardings=(state_sh, sharding.replicated(mesh)), mesh=mesh)
     compiled, secs = compile_timed(jitted, abstract_state, img, lab, cond)
     return _row(ts.spec, num_devices, compiled, secs, saved_gib)
 

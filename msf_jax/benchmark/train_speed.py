@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from msf_jax import train_step
+from msf_jax import sharding, train_step
 from msf_jax.benchmark.common import block, compile_timed, machine, median, memory_stats, peak_tflops
 from msf_jax.diffusion.gaussian import GaussianDiffusion
 from msf_jax.models.dit import dit_flops_per_example, dit_from_config
@@ -109,9 +109,11 @@ class TrainStep:
         cond = jnp.asarray(rng.randn(*x0.shape).astype(np.float32)) if s.stage == "residual" else None
         return x0, labels, cond
 
-    def jitted(self, in_shardings=None, out_shardings=None):
+    def jitted(self, in_shardings=None, out_shardings=None, mesh=None):
+        """The jitted step; with `mesh`, traced on it (as the trainer's step: splash attention per device)."""
         kw = {} if in_shardings is None else dict(in_shardings=in_shardings, out_shardings=out_shardings)
-        return jax.jit(self.step, donate_argnums=0, **kw)
+        step = self.step if mesh is None else sharding.traced_on(mesh, self.step)
+        return jax.jit(step, donate_argnums=0, **kw)
 
 
 def measure_jax(spec: StepSpec, *, warmup: int = 1, device_memory_gib: float | None = None):

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msf_jax import pipeline, stages
+from msf_jax import pipeline, sharding, stages
 from msf_jax.diffusion import samplers
 from msf_jax.pipeline import Decoder, sample_keys
 
@@ -130,7 +130,7 @@ class SweepSampler:
                                 guidance=scales, cond_level=level)
             return self.decoder(states.get("vae"), z)
 
-        return jax.jit(generate, out_shardings=self.batch_sharding)
+        return jax.jit(sharding.traced_on(self.mesh, generate), out_shardings=self.batch_sharding)
 
     def program(self, runs: dict[str, StageRun]) -> tuple[jax.stages.Compiled, float]:
         """(compiled program, seconds spent compiling it now: 0 when it was cached)."""

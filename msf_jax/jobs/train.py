@@ -71,7 +71,7 @@ class Trainer:
         # mesh's layout (also when it was written on another mesh or another number of hosts).
         self.abstract_state = sharding.with_shardings(abstract, self.state_shardings)
         self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+        self.train_step = jax.jit(sharding.traced_on(mesh, self._train_step), donate_argnums=0,
                                   out_shardings=(self.state_shardings, sharding.replicated(mesh)))
 
     def _init_state(self) -> dict[str, Any]:
