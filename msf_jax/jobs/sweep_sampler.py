@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msf_jax import pipeline, sharding, stages
+from msf_jax import pipeline, stages
 from msf_jax.diffusion import samplers
 from msf_jax.pipeline import Decoder, sample_keys
+from msf_jax.runtime import sharding
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from msf_jax.axes import BATCH_AXES, TENSOR
+from msf_jax.runtime.axes import BATCH_AXES, TENSOR
 
 ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128  # splash's block size (its minimum on the key axis): shorter sequences are padded
