@@ -180,4 +180,12 @@ def get_config() -> ml_collections.ConfigDict:
         dit_guidance="",
         plot_title="",
     ))
+
+    # How the process runs, not what it computes (not part of the model signature).
+    config.runtime = ml_collections.ConfigDict(dict(
+        # XLA / libtpu flags set before the backend starts (msf_jax/xla_flags.py, from maxtext and
+        # maxdiffusion): "" | "tpu_v5e" | "tpu_v5p" | "tpu_v6e" | "gpu". Appended to LIBTPU_INIT_ARGS /
+        # XLA_FLAGS; a flag you set there yourself wins. The launchers' --xla-preset sets this.
+        xla_flags_preset="",
+    ))
     return config

@@ -89,10 +89,11 @@ def main(argv) -> None:
     workdir = _WORKDIR.value or ("demo_out" if _MODE.value == "demo" else None)
     if not workdir:
         raise app.UsageError("--workdir is required")
-    from msf_jax.runtime import compile_cache
+    from msf_jax.runtime import compile_cache, xla_flags
 
     compile_cache.enable(_COMPILATION_CACHE.value)
     try:
+        xla_flags.apply(xla_flags.preset_of(config))  # before the backend starts (distributed, below)
         from msf_jax.runtime import distributed
 
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # every mode

@@ -2,6 +2,7 @@
 
 import os
 import stat
+import sys
 import subprocess
 import time
 
@@ -155,3 +156,61 @@ def test_slurm_dry_run(fakes):
     out = _run(["launch/gpu_slurm.sh", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--", *TRICKY], env)
     assert not os.listdir(log)
     assert "sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=8" in out and "srun --ntasks-per-node=1" in out
+
+
+# XLA / libtpu flag presets (msf_jax/xla_flags.py): a pure function of the preset and an environment.
+
+def test_xla_presets_append_and_never_override_a_user_flag():
+    from msf_jax.runtime import xla_flags
+
+    assert xla_flags.resolve("", {"XLA_FLAGS": "--a=1"}).updates == {}
+    for name, per_var in xla_flags.PRESETS.items():
+        res = xla_flags.resolve(name, {})
+        assert res.updates == {var: " ".join(flags) for var, flags in per_var.items()}
+        for var, flags in per_var.items():
+            assert len({xla_flags.flag_name(f) for f in flags}) == len(flags), (name, var)  # no duplicates
+            assert var == ("LIBTPU_INIT_ARGS" if name.startswith("tpu") else "XLA_FLAGS")
+
+    env = {"LIBTPU_INIT_ARGS": " --xla_tpu_scoped_vmem_limit_kib=65536 --my_flag ",
+           "XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}
+    before = dict(env)
+    res = xla_flags.resolve("tpu_v6e", env)
+    assert env == before and set(res.updates) == {"LIBTPU_INIT_ARGS"}  # pure; XLA_FLAGS untouched
+    value = res.updates["LIBTPU_INIT_ARGS"]
+    assert value.startswith("--xla_tpu_scoped_vmem_limit_kib=65536 --my_flag --xla_")  # the user's first
+    assert "kib=98304" not in value and res.kept_user["LIBTPU_INIT_ARGS"] == ["--xla_tpu_scoped_vmem_limit_kib=98304"]
+    assert value.split()[2:] == res.added["LIBTPU_INIT_ARGS"] == list(xla_flags.PRESETS["tpu_v6e"]["LIBTPU_INIT_ARGS"][1:])
+
+    # A quoted user value counts as the flag it sets; applying twice adds nothing more.
+    env = {"XLA_FLAGS": "--xla_gpu_enable_command_buffer='' --xla_dump_to=/tmp/x"}
+    xla_flags.apply("gpu", env)
+    once = env["XLA_FLAGS"]
+    assert once.count("xla_gpu_enable_command_buffer") == 1 and "--xla_gpu_enable_latency_hiding_scheduler=true" in once
+    assert xla_flags.apply("gpu", env).updates == {} and env["XLA_FLAGS"] == once
+    with pytest.raises(ValueError, match="unknown XLA flag preset 'tpu_v9'.*'tpu_v5p'"):
+        xla_flags.resolve("tpu_v9", {})
+
+
+def test_xla_preset_from_the_config():
+    from configs import default
+    from msf_jax.runtime import xla_flags
+
+    config = default.get_config()
+    assert xla_flags.preset_of(config) == ""
+    config.runtime.xla_flags_preset = "tpu_v5p"
+    assert xla_flags.preset_of(config) == "tpu_v5p"
+    del config["runtime"]  # a config file of its own without the section: no preset
+    assert xla_flags.preset_of(config) == ""
+
+
+def test_gpu_preset_flags_are_known_to_this_jaxlib(tmp_path):
+    """XLA aborts on an XLA_FLAGS flag it does not know; flags set after `import jax` but before the
+    backend starts are read (the dump directory proves XLA parsed the variable with ours in it)."""
+    script = ("import os, jax\nfrom msf_jax.runtime import xla_flags\nxla_flags.apply('gpu')\n"
+              "print(jax.jit(lambda x: x + 1)(1))\n")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_dump_to={tmp_path / 'dump'}",
+               PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert os.listdir(tmp_path / "dump")

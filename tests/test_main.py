@@ -1,5 +1,7 @@
-"""main.py: errors msf_jax raises on purpose become one line; a bug keeps its traceback."""
+"""main.py: errors msf_jax raises on purpose become one line; a bug keeps its traceback; the XLA
+flag preset is applied."""
 
+import os
 import types
 
 import pytest
@@ -9,10 +11,10 @@ from msf_jax.jobs import extract
 from tests.tiny import tiny_config
 
 
-def _run_main(monkeypatch, tmp_path, config):
-    """main.main as `--mode=extract_latents --workdir=tmp_path` with `config` (flags stubbed)."""
+def _run_main(monkeypatch, tmp_path, config, mode="extract_latents"):
+    """main.main as `--mode=MODE --workdir=tmp_path` with `config` (flags stubbed)."""
     monkeypatch.delenv("MSF_JAX_TRACEBACK", raising=False)
-    for name, value in (("_CONFIG", config), ("_MODE", "extract_latents"), ("_WORKDIR", str(tmp_path)),
+    for name, value in (("_CONFIG", config), ("_MODE", mode), ("_WORKDIR", str(tmp_path)),
                         ("_COMPILATION_CACHE", ""), ("_COORDINATOR", None), ("_NUM_PROCESSES", None),
                         ("_PROCESS_ID", None)):
         monkeypatch.setattr(main, name, types.SimpleNamespace(value=value))
@@ -50,3 +52,21 @@ def test_expected_errors_need_a_raise_statement_in_the_package(monkeypatch):
     except ValueError as e:
         assert not main.is_expected_error(e)
     assert not main.is_expected_error(KeyError("k"))
+
+
+def test_xla_flags_preset_is_applied_and_a_bad_one_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(extract, "extract_latents", lambda config, workdir: None)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    config = tiny_config()
+    config.runtime.xla_flags_preset = "gpu"
+    _run_main(monkeypatch, tmp_path, config)
+    flags = os.environ["XLA_FLAGS"].split()
+    assert flags[0] == "--xla_gpu_enable_triton_gemm=true" and "--xla_gpu_enable_triton_gemm=false" not in flags
+    assert "--xla_gpu_enable_latency_hiding_scheduler=true" in flags
+    config.runtime.xla_flags_preset = "tpu_v9"
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(monkeypatch, tmp_path, config)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown XLA flag preset 'tpu_v9'" in err[0]
+
