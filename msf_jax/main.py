@@ -17,6 +17,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 MODES = ("train", "sample", "evaluate", "extract_latents", "demo", "sweep")
+# Exit status of a training run stopped by SIGTERM after its checkpoint (a preemption, `tpu_pod.sh
+# stop`, a SLURM time limit): not finished, run it again to resume. 42 is what xpk/JobSet restart on
+# by default (with --max-restarts), and what launch/tpu_pod.sh's unattended mode restarts on.
+PREEMPTED_EXIT_CODE = 42
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and outputs (local or gs://).")
@@ -40,6 +44,8 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         summary = train.train_and_evaluate(config, workdir, progress=line)
         logging.info("Stopped at step %d (%s)", summary["step"],
                      "preempted" if summary["preempted"] else "done")
+        if summary["preempted"]:
+            sys.exit(PREEMPTED_EXIT_CODE)  # checkpointed, not finished: launchers restart on this code
     elif mode == "sample":
         from msf_jax.jobs import sample
 

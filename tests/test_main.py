@@ -1,5 +1,5 @@
 """main.py: errors msf_jax raises on purpose become one line; a bug keeps its traceback; the XLA
-flag preset is applied."""
+flag preset is applied; a preempted training run exits with PREEMPTED_EXIT_CODE."""
 
 import os
 import types
@@ -7,7 +7,7 @@ import types
 import pytest
 
 from msf_jax import main
-from msf_jax.jobs import extract
+from msf_jax.jobs import extract, train
 from tests.tiny import tiny_config
 
 
@@ -70,3 +70,14 @@ def test_xla_flags_preset_is_applied_and_a_bad_one_is_one_line(monkeypatch, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown XLA flag preset 'tpu_v9'" in err[0]
 
+
+@pytest.mark.parametrize("preempted", [False, True])
+def test_preempted_training_exits_with_its_own_code(monkeypatch, tmp_path, preempted):
+    monkeypatch.setattr(train, "train_and_evaluate",
+                        lambda config, workdir, progress: {"step": 3, "preempted": preempted})
+    if not preempted:
+        _run_main(monkeypatch, tmp_path, tiny_config(), mode="train")  # returns: exit status 0
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        _run_main(monkeypatch, tmp_path, tiny_config(), mode="train")
+    assert exit_info.value.code == main.PREEMPTED_EXIT_CODE == 42
