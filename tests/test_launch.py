@@ -1,20 +1,43 @@
-"""Launchers against fake gcloud / sbatch / srun on PATH: what they would run, quoting, --dry-run."""
+"""Launchers against fake gcloud / sbatch / srun on PATH: what they would run, quoting, --dry-run, the
+slice's life (create, delete, the unattended restart loop) and the XLA flag presets.
+
+Nothing here writes into the checkout (runs, logs and temporary files go to tmp_path); every
+subprocess has a timeout.
+"""
 
 import os
 import stat
-import sys
 import subprocess
+import sys
+import tarfile
 import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 30  # seconds, per launcher call (each takes well under one)
 TRICKY = ["--mode=train", "--config=configs/msf_256.py", "--config.mesh.shape=(1,-1,1)",
           "--workdir=gs://bucket/run $HOME `x` it's", '--config.data.cache_dir=a "b";c']
 RECORDER = """#!/usr/bin/env bash
 # Records one call: argv, NUL-separated, in $FAKE_LOG/NNN.NAME
 n=$(ls "$FAKE_LOG" | wc -l); f=$(printf '%s/%03d.%s' "$FAKE_LOG" "$n" "$(basename "$0")")
 printf '%s\\0' "$@" > "$f"
+"""
+# gcloud also answers: `describe` with the next line of $FAKE_DIR/states (READY when none is left;
+# NOT_FOUND as gcloud says it), the run-state query with the next line of $FAKE_DIR/runs (one
+# "MSF_RUN worker=W STATE" per worker, ';'-separated; all running when none is left), and `scp` of the
+# code tarball by keeping a copy in $FAKE_DIR.
+GCLOUD = RECORDER + """pop() {
+  if [[ -s "$1" ]]; then head -n 1 "$1"; tail -n +2 "$1" > "$1.tmp"; mv "$1.tmp" "$1"; else echo "$2"; fi
+}
+case " $* " in
+  *" describe "*)
+    s=$(pop "$FAKE_DIR/states" READY)
+    if [[ "$s" == NOT_FOUND ]]; then echo "ERROR: (gcloud) NOT_FOUND: Resource not found" >&2; exit 1; fi
+    echo "$s" ;;
+  *"MSF_RUN worker"*) pop "$FAKE_DIR/runs" "MSF_RUN worker=0 running" | tr ';' '\\n' ;;
+  *" scp "*) cp "${@: -2:1}" "$FAKE_DIR/code.tgz" ;;
+esac
 """
 
 
@@ -29,13 +52,16 @@ def _fake(path, name, body=RECORDER):
 
 @pytest.fixture
 def fakes(tmp_path):
-    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
-    log.mkdir()
-    for name in ("gcloud", "sbatch", "srun", "sudo"):
+    bin_dir, log, fake_dir = tmp_path / "bin", tmp_path / "calls", tmp_path / "fake"
+    for d in (log, fake_dir, tmp_path / "tmp"):
+        d.mkdir()
+    for name in ("sbatch", "srun", "sudo"):
         _fake(bin_dir, name)
+    _fake(bin_dir, "gcloud", GCLOUD)
     _fake(bin_dir, "curl", "#!/bin/sh\necho 3\n")  # the TPU metadata: worker number 3
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), HOME=str(tmp_path / "home"))
+    env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_DIR=str(fake_dir),
+               HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "tmp"), MSF_JAX_LOG_SYNC_S="1")
     return env, log
 
 
@@ -47,9 +73,9 @@ def _calls(log):
     return out
 
 
-def _run(args, env, **kw):
-    r = subprocess.run(["bash", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=60, **kw)
-    assert r.returncode == 0, r.stderr
+def _run(args, env, returncode=0, **kw):
+    r = subprocess.run(["bash", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT, **kw)
+    assert r.returncode == returncode, r.stdout + r.stderr
     return r.stdout
 
 
@@ -60,7 +86,24 @@ def _command(argv):
 def _bash_n(script, tmp_path):
     p = tmp_path / "remote.sh"
     p.write_text(script)
-    assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, script
+    assert subprocess.run(["bash", "-n", str(p)], capture_output=True, timeout=TIMEOUT).returncode == 0, script
+
+
+def _queue(env, name, lines):
+    with open(os.path.join(env["FAKE_DIR"], name), "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+def _workers(*states):
+    return ";".join(f"MSF_RUN worker={w} {s}" for w, s in enumerate(states))
+
+
+def _wait_for(path, seconds=10):
+    for _ in range(int(seconds * 20)):
+        if os.path.exists(path):
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_tpu_pod_run_on_4_workers(fakes, tmp_path):
@@ -128,13 +171,16 @@ def test_tpu_dry_run_prints_and_runs_nothing(fakes):
 
 def test_slurm_2_nodes_x_8_gpus(fakes, tmp_path):
     env, log = fakes
-    # Login node: sbatch of this script, one task per node, every GPU of every node.
-    _run(["launch/gpu_slurm.sh", "--nodes", "2", "--gpus-per-node", "8", "--logs", str(tmp_path / "logs"),
-          "--", *TRICKY], env)
+    # Login node: sbatch of this script, one task per node, every GPU of every node; an absolute --logs
+    # is used as it is (the checkout gets nothing).
+    logs = tmp_path / "logs"
+    _run(["launch/gpu_slurm.sh", "--nodes", "2", "--gpus-per-node", "8", "--logs", str(logs), "--", *TRICKY], env)
     (name, sbatch), = _calls(log)
     assert name == "sbatch"
-    for opt in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=TERM@120"):
+    for opt in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--signal=TERM@120",
+                f"--output={logs}/%x-%j.out"):
         assert opt in sbatch
+    assert logs.is_dir()
     script_at = sbatch.index(os.path.join(REPO, "launch", "gpu_slurm.sh"))
     assert sbatch[script_at + 1:][-len(TRICKY) - 1:] == ["--", *TRICKY]
 
@@ -143,6 +189,7 @@ def test_slurm_2_nodes_x_8_gpus(fakes, tmp_path):
     _run(sbatch[script_at:], batch_env)
     name, srun = _calls(log)[-1]
     assert name == "srun" and "--ntasks-per-node=1" in srun and srun[-len(TRICKY):] == TRICKY
+    assert f"--output={logs}/msf_jax-%j.task%t.log" in srun
 
     # Each srun task (also when a user runs the script under srun): python -m msf_jax.main, flags intact.
     py = _fake(tmp_path / "py", "python", "#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > \"$FAKE_LOG/999.python\"\n")
@@ -151,10 +198,39 @@ def test_slurm_2_nodes_x_8_gpus(fakes, tmp_path):
     assert _calls(log)[-1] == ("python", ["-m", "msf_jax.main", *TRICKY])
 
 
+def test_slurm_passes_sbatch_srun_and_container_options_through(fakes, tmp_path):
+    env, log = fakes
+    _fake(tmp_path / "bin", "srun", RECORDER + 'printf %s "${MSF_TEST_VAR-unset}" > "$FAKE_DIR/srun_env"\n')
+    _run(["launch/gpu_slurm.sh", "--nodes", "4", "--partition", "gpu", "--account", "acct", "--qos", "high",
+          "--constraint", "h100", "--cpus-per-task", "96", "--time", "24:00:00", "--logs", str(tmp_path / "logs"),
+          "--sbatch-opt=--reservation=res1", "--sbatch-opt", "--mail-type=END",
+          "--container-image", "nvcr.io#nvidia/jax:25.04", "--container-mounts", "/data:/data",
+          "--srun-opt=--mpi=pmix", "--env", "MSF_TEST_VAR=x, y", "--xla-preset", "gpu", "--", *TRICKY], env)
+    (_, sbatch), = _calls(log)
+    script_at = sbatch.index(os.path.join(REPO, "launch", "gpu_slurm.sh"))
+    for opt in ("--partition=gpu", "--account=acct", "--qos=high", "--constraint=h100", "--cpus-per-task=96",
+                "--time=24:00:00", "--reservation=res1", "--mail-type=END"):
+        assert opt in sbatch[:script_at], opt
+    assert not any("container" in a for a in sbatch[:script_at])  # a pyxis option of srun, not sbatch
+    flags = [*TRICKY, "--config.runtime.xla_flags_preset=gpu"]
+    assert sbatch[-len(flags) - 1:] == ["--", *flags]
+
+    batch_env = dict(env, SLURM_JOB_ID="77", SLURM_SUBMIT_DIR=REPO)
+    batch_env.pop("MSF_TEST_VAR", None)
+    _run(sbatch[script_at:], batch_env)
+    name, srun = _calls(log)[-1]
+    assert name == "srun" and srun[-len(flags):] == flags
+    for opt in ("--cpus-per-task=96", "--container-image=nvcr.io#nvidia/jax:25.04",
+                f"--container-mounts={REPO}:{REPO},/data:/data", f"--container-workdir={REPO}", "--mpi=pmix"):
+        assert opt in srun, opt
+    assert open(os.path.join(env["FAKE_DIR"], "srun_env")).read() == "x, y"  # --env reaches every task
+
+
 def test_slurm_dry_run(fakes):
     env, log = fakes
+    existed = os.path.exists(os.path.join(REPO, "slurm_logs"))
     out = _run(["launch/gpu_slurm.sh", "--dry-run", "--nodes", "2", "--gpus-per-node", "8", "--", *TRICKY], env)
-    assert not os.listdir(log)
+    assert not os.listdir(log) and os.path.exists(os.path.join(REPO, "slurm_logs")) == existed
     assert "sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=8" in out and "srun --ntasks-per-node=1" in out
 
 
