@@ -106,9 +106,20 @@ def _wait_for(path, seconds=10):
     return False
 
 
+def _wait_until_gone(pid, seconds=10):
+    for _ in range(int(seconds * 20)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still running")
+
+
 def test_tpu_pod_run_on_4_workers(fakes, tmp_path):
     env, log = fakes
-    _run(["launch/tpu_pod.sh", "--tpu", "v5p-32", "--zone", "us-east5-a", "--name", "base", "run", "--", *TRICKY], env)
+    _run(["launch/tpu_pod.sh", "--tpu", "v5p-32", "--zone", "us-east5-a", "--name", "base",
+          "--env", "MSF_TEST_VAR=a b $c", "--xla-preset", "tpu_v5p", "run", "--", *TRICKY], env)
     calls = _calls(log)
     assert [c[0] for c in calls] == ["gcloud"] * 3
     scp, sync, start = (c[1] for c in calls)
@@ -118,19 +129,49 @@ def test_tpu_pod_run_on_4_workers(fakes, tmp_path):
     _bash_n(script, tmp_path)
     assert "/tmp/libtpu_lockfile" in script and "setsid nohup" in script and "logs/base.worker$W.log" in script
 
-    # Run the worker script for real (fake sudo/curl, a fake python that records its argv): the flags
-    # arrive exactly as given, the job is detached, and the log is per worker.
-    venv = tmp_path / "home" / "msf_jax" / "venv" / "bin"
-    _fake(venv, "python", "#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > \"$HOME/argv\"\necho started\n")
-    (tmp_path / "home" / "msf_jax" / "code").mkdir(parents=True)
-    subprocess.run(["bash", "-c", script], env=env, check=True, timeout=60, capture_output=True)
-    for _ in range(100):
-        if (tmp_path / "home" / "argv").exists() and (tmp_path / "home/msf_jax/logs/base.worker3.log").exists():
-            break
-        time.sleep(0.1)
-    argv = (tmp_path / "home" / "argv").read_bytes().decode().split("\0")[:-1]
-    assert argv == ["-m", "msf_jax.main", *TRICKY]
-    assert (tmp_path / "home/msf_jax/run.pid").exists()
+    # Run the worker script for real (fake sudo/curl, a fake python that records its argv and one
+    # variable, then exits 42 as a preempted run does): the flags and the variable arrive exactly as
+    # given, the job is detached, its exit status is kept, and the log is copied to WORKDIR/logs.
+    home = tmp_path / "home"
+    _fake(home / "msf_jax" / "venv" / "bin", "python",
+          "#!/usr/bin/env bash\nprintf '%s\\0' \"$@\" > \"$HOME/argv\"\nprintf %s \"$MSF_TEST_VAR\" > \"$HOME/var\"\n"
+          "echo started\nexit 42\n")
+    (home / "msf_jax" / "code").mkdir(parents=True)
+    subprocess.run(["bash", "-c", script], env=env, check=True, timeout=TIMEOUT, capture_output=True)
+    assert _wait_for(home / "msf_jax" / "run.rc")
+    _wait_until_gone(int((home / "msf_jax" / "run.pid").read_text()))
+    argv = (home / "argv").read_bytes().decode().split("\0")[:-1]
+    assert argv == ["-m", "msf_jax.main", *TRICKY, "--config.runtime.xla_flags_preset=tpu_v5p"]
+    assert (home / "var").read_text() == "a b $c"
+    assert (home / "msf_jax/run.rc").read_text().strip() == "42" and (home / "msf_jax/run.pid").exists()
+    assert "started" in (home / "msf_jax/logs/base.worker3.log").read_text()
+    copy = next(argv for name, argv in _calls(log)[3:] if argv[:2] == ["storage", "cp"])
+    assert copy[-2] == str(home / "msf_jax/logs/base.worker3.log")
+    workdir = TRICKY[3].split("=", 1)[1]
+    assert copy[-1].startswith(f"{workdir}/logs/base.") and copy[-1].endswith(".worker3.log")
+
+    # `status` on that worker: exited with 42, and the log's last lines.
+    _run(["launch/tpu_pod.sh", "--tpu", "v5p-32", "--zone", "z", "--name", "base", "status"], env)
+    status = subprocess.run(["bash", "-c", _command(_calls(log)[-1][1])], env=env, capture_output=True,
+                            text=True, timeout=TIMEOUT).stdout
+    assert "== worker 3" in status and "exited 42" in status and "started" in status
+
+
+def test_tpu_run_log_copy_to_a_local_log_dir(fakes, tmp_path):
+    env, log = fakes
+    logs = tmp_path / "shared" / "logs"
+    _run(["launch/tpu_pod.sh", "--tpu", "t", "--zone", "z", "--name", "r", "--log-dir", str(logs), "run", "--",
+          "--mode=train", "--workdir=/elsewhere"], env)
+    home = tmp_path / "home"
+    _fake(home / "msf_jax" / "venv" / "bin", "python", "#!/usr/bin/env bash\necho line one\nsleep 0.5\necho line two\n")
+    (home / "msf_jax" / "code").mkdir(parents=True)
+    subprocess.run(["bash", "-c", _command(_calls(log)[-1][1])], env=dict(env, MSF_JAX_LOG_SYNC_S="0.1"),
+                   check=True, timeout=TIMEOUT, capture_output=True)
+    assert _wait_for(home / "msf_jax" / "run.rc")
+    time.sleep(0.2)
+    copied, = os.listdir(logs)
+    assert copied.startswith("r.") and copied.endswith(".worker3.log")
+    assert (logs / copied).read_text() == "line one\nline two\n"  # the last copy is the whole log
 
 
 def test_tpu_multislice_queued_resource(fakes, tmp_path):
@@ -158,14 +199,151 @@ def test_tpu_other_commands_parse(fakes, tmp_path, command):
         assert "--worker=0" in _calls(log)[-1][1]
 
 
+def test_tpu_sync_leaves_out_weights_data_and_runs(fakes, tmp_path):
+    """The sync packs tracked and untracked files, but no weights, arrays, checkpoints or run directories
+    (a copy of the launcher in a scratch repository: the checkout is not touched)."""
+    env, log = fakes
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    with open(os.path.join(REPO, "launch", "tpu_pod.sh")) as src:
+        (repo / "launch" / "tpu_pod.sh").write_text(src.read())
+    keep = ["msf_jax/a.py", "configs/b.py", "docs/c.png", "notes.txt"]
+    drop = ["dit.safetensors", "sub/model.pt", "w.pth", "ref.npz", "x.npy", "runs/base/state.json",
+            "demo_out/grid.png", "exp/checkpoints/5/x", "latents/shard.array_record-00000-of-00001",
+            "exp/events.out.tfevents.1.host"]
+    for f in keep + drop:
+        (repo / f).parent.mkdir(parents=True, exist_ok=True)
+        (repo / f).write_text("x")
+    subprocess.run(["git", "init", "-q", str(repo)], check=True, timeout=TIMEOUT)
+    subprocess.run(["git", "-C", str(repo), "add", "msf_jax/a.py", "dit.safetensors"], check=True, timeout=TIMEOUT)
+    r = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t", "--zone", "z", "sync"], env=env, cwd=repo,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(os.path.join(env["FAKE_DIR"], "code.tgz")) as tar:
+        packed = {m.name for m in tar.getmembers() if m.isfile()}
+    assert packed == {*keep, "launch/tpu_pod.sh"}
+
+
+def test_tpu_create_and_delete(fakes, tmp_path):
+    env, log = fakes
+    # A spot TPU VM: the runtime version follows the generation; extra gcloud options pass through.
+    _run(["launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z", "--project", "p", "--accelerator-type", "v5p-32",
+          "--spot", "--create-opt=--network=n1", "--poll-s", "0", "create"], env)
+    create, describe = (c[1] for c in _calls(log))
+    assert create == ["compute", "tpus", "tpu-vm", "create", "t1", "--zone=z", "--project=p",
+                      "--accelerator-type=v5p-32", "--version=v2-alpha-tpuv5", "--spot", "--network=n1"]
+    assert describe[:5] == ["compute", "tpus", "tpu-vm", "describe", "t1"]
+
+    # A reserved multislice queued resource: N nodes, waits while it is queued and provisioned.
+    _queue(env, "states", ["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+    out = _run(["launch/tpu_pod.sh", "--queued-resource", "qr", "--num-slices", "2", "--zone", "z",
+                "--accelerator-type", "v6e-256", "--reserved", "--poll-s", "0", "create"], env)
+    calls = [c[1] for c in _calls(log)[2:]]
+    assert calls[0] == ["compute", "tpus", "queued-resources", "create", "qr", "--zone=z",
+                        "--accelerator-type=v6e-256", "--runtime-version=v2-alpha-tpuv6e", "--node-count=2",
+                        "--node-prefix=qr", "--reserved"]
+    assert len(calls) == 4 and all("describe" in c for c in calls[1:])
+    assert "WAITING_FOR_RESOURCES" in out and "PROVISIONING" in out
+
+    # delete: the run is stopped first (SIGTERM, checkpoint) while the slice is up, then the slice
+    # goes, and delete returns once it is gone.
+    n = len(_calls(log))
+    _queue(env, "states", ["READY", "DELETING", "NOT_FOUND"])
+    _run(["launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z", "--poll-s", "0", "delete"], env)
+    calls = [c[1] for c in _calls(log)[n:]]
+    assert [c[3] for c in calls] == ["describe", "ssh", "delete", "describe", "describe"]
+    assert "kill -TERM" in _command(calls[1]) and calls[2][-1] == "--quiet"
+    _queue(env, "states", ["SUSPENDED", "NOT_FOUND"])  # a preempted queued resource: nothing to stop
+    _run(["launch/tpu_pod.sh", "--queued-resource", "qr", "--zone", "z", "--poll-s", "0", "delete"], env)
+    calls = [c[1] for c in _calls(log)[n + 5:]]
+    assert [c[3] for c in calls] == ["describe", "delete", "describe"] and "--force" in calls[1]
+
+    r = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t", "--zone", "z", "create"], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 2 and "--accelerator-type" in r.stderr
+
+
+def _starts(log):
+    """Per gcloud ssh call: which step its script is (run, setup, sync, state, stop)."""
+    kinds = []
+    for _, argv in _calls(log):
+        if "ssh" in argv:
+            script = _command(argv)
+            kinds.append("run" if "setsid nohup" in script else "setup" if "uv venv" in script else
+                         "state" if "MSF_RUN worker" in script else "sync" if "code synced" in script else "other")
+    return kinds
+
+
+def test_tpu_watch_recreates_a_preempted_slice(fakes):
+    """The unattended loop: the slice is up and the run not started -> start it; it runs; the spot
+    slice is preempted -> delete, create, setup, run again; the run finishes -> done."""
+    env, log = fakes
+    _queue(env, "states", ["READY", "READY", "PREEMPTED",  # watch's checks
+                           "PREEMPTED", "NOT_FOUND",  # delete's
+                           "CREATING", "READY",  # create's
+                           "READY", "READY"])  # watch's again
+    _queue(env, "runs", [_workers("none", "none"), _workers("running", "running"),
+                         _workers("running", "running"), _workers("exited 0", "exited 0")])
+    out = _run(["launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z", "--accelerator-type", "v5e-16", "--spot",
+                "--max-restarts", "2", "--poll-s", "0", "--name", "base", "watch", "--", *TRICKY], env)
+    assert "slice PREEMPTED: restart 1/2" in out and "the run finished" in out
+    assert _starts(log) == ["state", "sync", "run", "state",  # started, running
+                            "sync", "setup", "sync", "run",  # preempted: recreated, set up, restarted
+                            "state", "state"]  # running, finished
+    calls = [c[1] for c in _calls(log)]
+    assert sum(c[3] == "delete" for c in calls) == 1
+    create, = (c for c in calls if c[3] == "create")
+    assert "--spot" in create and "--accelerator-type=v5e-16" in create and "--version=v2-alpha-tpuv5-lite" in create
+    run = next(c for c in reversed(calls) if "ssh" in c and "setsid nohup" in _command(c))
+    assert "logs/base.worker$W.log" in _command(run)
+
+
+@pytest.mark.parametrize("runs, code, says, starts", [
+    # SIGTERM (exit 42) on a slice that stayed up, e.g. host maintenance: start the run again.
+    ([_workers("exited 42", "exited 42"), _workers("exited 0", "exited 0")], 0, "run interrupted: restart 1/3", 2),
+    # A worker lost its run without an exit status (its VM restarted): start again.
+    ([_workers("lost", "exited 42"), _workers("exited 0", "exited 0")], 0, "run interrupted: restart 1/3", 2),
+    # A bug or a bad config: no restart, the run's exit status.
+    ([_workers("exited 1", "exited 42")], 1, "the run failed (exit status 1", 1),
+    # `tpu_pod.sh stop`: the user's decision.
+    ([_workers("stopped", "stopped")], 0, "stopped with tpu_pod.sh stop", 1),
+])
+def test_tpu_watch_outcomes(fakes, runs, code, says, starts):
+    env, log = fakes
+    _queue(env, "runs", [_workers("none", "none")] + runs)  # the slice stays READY throughout
+    out = _run(["launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z", "--max-restarts", "3", "--poll-s", "0",
+                "watch", "--", *TRICKY], env, returncode=code)
+    assert says in out
+    assert _starts(log).count("run") == starts and "setup" not in _starts(log)
+
+
+def test_tpu_watch_gives_up_after_max_restarts(fakes):
+    env, log = fakes
+    _queue(env, "states", ["NOT_FOUND", "READY", "READY", "PREEMPTED"])  # created, then preempted at once
+    _queue(env, "runs", [_workers("running")])
+    r = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t1", "--zone", "z", "--accelerator-type", "v4-8",
+                        "--max-restarts", "0", "--poll-s", "0", "watch", "--", *TRICKY], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 1 and "giving up after 0 restarts" in r.stdout
+    calls = [c[1] for c in _calls(log)]
+    assert [c[3] for c in calls if c[3] in ("create", "delete")] == ["create"]  # created once, never recreated
+    assert "--version=tpu-ubuntu2204-base" in next(c for c in calls if c[3] == "create")
+    assert _starts(log) == ["sync", "setup", "sync", "run", "state"]
+
+
 def test_tpu_dry_run_prints_and_runs_nothing(fakes):
     env, log = fakes
     out = _run(["launch/tpu_pod.sh", "--dry-run", "--queued-resource", "qr", "--num-slices", "2", "--zone", "z",
                 "run", "--", *TRICKY], env)
     assert not os.listdir(log)
     assert "queued-resources ssh qr --worker=all --node=all" in out and "--config.mesh.num_slices=2" in out
+    out = _run(["launch/tpu_pod.sh", "--dry-run", "--tpu", "t", "--zone", "z", "--accelerator-type", "v5p-8",
+                "--spot", "watch", "--", *TRICKY], env)
+    assert not os.listdir(log)
+    for step in ("tpu-vm delete t", "tpu-vm create t", "uv venv", "setsid nohup", "MSF_RUN worker"):
+        assert step in out, step
     r = subprocess.run(["bash", "launch/tpu_pod.sh", "--tpu", "t", "--zone", "z", "--num-slices", "2", "run"],
-                       env=env, cwd=REPO, capture_output=True, text=True)
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 2 and "queued-resource" in r.stderr
 
 
