@@ -5,7 +5,7 @@ the `FIDInceptionA/C/E_1/E_2` blocks (average pools that ignore padding, a max p
 pool branch). Input handling follows pytorch-fid exactly: images in [0, 1] are resized to 299×299 with
 bilinear interpolation (half-pixel centers, i.e. `align_corners=False`, no antialiasing), then scaled to
 [-1, 1]. (ADM's TensorFlow evaluator resizes inside the graph with TF1 `ResizeBilinear` and scales by
-(x - 128) / 128 instead; the difference is tiny and FID numbers are comparable, not bit-identical.)
+(x - 128) / 128 instead. How far that moves FID is not measured: docs/imagenet.md, FID comparability.)
 
 Outputs, per image:
 - `pool`: 2048-d global average pool after Mixed_7c (FID, precision/recall) = TF `pool_3:0`;
