@@ -2,7 +2,7 @@
 
 32x32 RGB images of 10 synthetic classes that differ in coarse layout and in fine texture. The
 factorizer splits each image into a 16x16 base and a 32x32 residual; a small DiT learns each. The
-official DiT recipe (lr 1e-4, 250 steps) is far too slow for 2 CPU cores (DESIGN.md §8); this recipe
+official DiT recipe (lr 1e-4, 250 steps) is far too slow for 2 CPU cores (docs/design.md §7); this recipe
 was chosen by measurement on 2 cores:
   - flow matching with a Heun sampler: recognizable samples in few steps (6 base, 6 residual);
   - lr 1e-3 with 100 warmup steps, clipping at 1, EMA 0.995;

@@ -2,7 +2,7 @@
 
 A pipeline is a list of stages (the single-stage DiT: 1, MSF: 2, an L-level pyramid: L+1), built from
 the config by `build_stages`. With components = factorizer.decompose(z) = [base, r_1 (coarsest) ..
-r_L (finest)] (DESIGN.md §1):
+r_L (finest)] (docs/design.md §1):
   dit         target = z                  no conditioning image
   base        target = components[0]      no conditioning image
   residual_k  target = components[k]      conditioned on the accumulated coarser levels

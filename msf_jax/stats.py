@@ -1,7 +1,7 @@
 """The factorizer statistics of a run, resolved in one place, and the training target z of a batch.
 
 Each factorizer component is standardized per channel with statistics of the training data
-(DESIGN §1). `resolve_stats(config, workdir)` finds them, in this order:
+(docs/design.md §1). `resolve_stats(config, workdir)` finds them, in this order:
   1. config.factorizer.stats_path, when set (it must exist);
   2. `<workdir>/factor_stats.json`, the statistics the run started with (a resumed run, and sampling
      from a training workdir, use exactly those);

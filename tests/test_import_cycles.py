@@ -1,4 +1,4 @@
-"""The package's imports point one way (DESIGN §2): no cycles, and no layer imports one above it.
+"""The package's imports point one way (docs/design.md §2): no cycles, and no layer imports one above it.
 
 The import graph is read statically with `ast` from every `import` / `from ... import` in the package,
 including function-level (lazy) imports, which are cycles all the same: they only defer them.

@@ -9,7 +9,7 @@ import dataclasses
 
 from msf_jax.benchmark.train_speed import StepSpec
 
-# The CPU comparison the DESIGN names: 6 blocks x 256, 4 heads, patch 4, 32x32x3, learned sigma + VLB.
+# The CPU comparison of PyTorch and JAX train steps (README, Performance): 6 blocks x 256, 4 heads, patch 4, 32x32x3, learned sigma + VLB.
 CPU_TRAIN = StepSpec(depth=6, hidden_size=256, num_heads=4, patch_size=4, input_size=32, channels=3,
                      num_classes=10, batch=64)
 TINY = dict(name="custom", depth=2, hidden_size=64, num_heads=2, patch_size=2)

@@ -1,6 +1,6 @@
 """DiT (Scalable Diffusion Models with Transformers, Peebles & Xie 2023) in Flax NNX, plus MSF extensions.
 
-A faithful port of facebookresearch/DiT `models.py` (see DESIGN.md §4), NHWC throughout:
+A faithful port of facebookresearch/DiT `models.py` (see docs/design.md §4), NHWC throughout:
 
   x (N,H,W,C) [+ cond (N,H,W,Cc)] -> patchify -> Linear(C'p², D) + fixed 2D sin-cos position embedding
   c = t_emb(t) + y_emb(y) [+ noise_emb(cond_level)]

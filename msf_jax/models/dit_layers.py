@@ -1,5 +1,5 @@
 """DiT building blocks shared by the model: initializers, the annotated Linear, and the timestep,
-label and position embeddings (faithful to facebookresearch/DiT `models.py`; see DESIGN.md §4)."""
+label and position embeddings (faithful to facebookresearch/DiT `models.py`; see docs/design.md §4)."""
 
 from __future__ import annotations
 
