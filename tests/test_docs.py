@@ -232,6 +232,8 @@ def test_imagenet_page_commands_parse(tmp_path, monkeypatch):
     commands = page_commands()
     assert len(commands) >= 15, commands
     main_argvs, tfds_argvs, converted, consumed, downloads = [], [], [], [], []
+    on_workers = set()  # files copied to every TPU worker's ~/msf_jax/ (runs start in ~/msf_jax/code)
+    remote = []  # main_argvs that run on the pod
     for command in commands:
         argv = _argv(command, home)
         prog = os.path.basename(argv[0])
@@ -257,6 +259,7 @@ def test_imagenet_page_commands_parse(tmp_path, monkeypatch):
             assert r.returncode == 0, f"{command}\n{r.stderr}"
             if "--" in argv:
                 main_argvs.append(["msf-jax", *_after(argv, "--")])
+                remote.append(main_argvs[-1])
                 assert shlex.quote(_after(argv, "--")[0]) in r.stdout  # the flags reach the workers
         elif prog == "curl":
             dest, url = _after(argv, "-o")[0], argv[-1]
@@ -264,9 +267,16 @@ def test_imagenet_page_commands_parse(tmp_path, monkeypatch):
             downloads.append(dest)
         elif prog == "mkdir":
             assert argv[1] == "-p", command
-        elif prog == "gcloud":
-            assert argv[1:3] == ["storage", "cp"] and len(argv) >= 5, command
+        elif prog == "gcloud" and argv[1:3] == ["storage", "cp"]:
+            assert len(argv) >= 5, command
             consumed.extend(argv[3:])
+        elif prog == "gcloud" and argv[1:5] == ["compute", "tpus", "tpu-vm", "scp"]:
+            # tpu_pod.sh's own copy to every worker; the files land next to the runs' code/ folder
+            files = [a for a in argv[5:] if not a.startswith("--")]
+            assert "--worker=all" in argv and files[-1].endswith(":msf_jax/"), command
+            assert all(f in converted for f in files[:-1]), f"copies files no command of the page writes: {command}"
+            on_workers.update("../" + os.path.basename(f) for f in files[:-1])
+            consumed.extend(files[:-1])
         elif prog == "git":
             assert argv[1] == "clone" and argv[2] == "https://github.com/openai/guided-diffusion", command
         elif prog.startswith("python") and argv[1].endswith("guided-diffusion/evaluations/evaluator.py"):
@@ -294,12 +304,14 @@ def test_imagenet_page_commands_parse(tmp_path, monkeypatch):
     for mode in ("extract_latents", "train", "sample", "evaluate"):
         assert mode in modes, f"the page has no --mode={mode} command"
     assert {r["stage"] for r in results if r["mode"] == "train"} == {"base", "residual"}
-    # Converted weights the jobs read are written by a convert command of the page.
+    # Converted weights the jobs read are written by a convert command of the page, and on the pod
+    # copied to every worker.
     for argv in main_argvs:
         for arg in argv:
             value = arg.split("=", 1)[-1]
             if value.endswith(".safetensors"):
-                assert value in converted, f"{value}: no convert command of the page writes it"
+                have = on_workers if any(argv is r for r in remote) else converted
+                assert value in have, f"{value}: not written (or not copied to the workers) by the page"
             consumed.append(value)
     # Every download is used by a later command (the file, or its folder for the VAE).
     for dest in downloads:
