@@ -4,8 +4,9 @@ import dataclasses
 import json
 
 import numpy as np
+from flax import nnx
 
-from msf_jax.benchmark import presets
+from msf_jax.benchmark import presets, sampling
 from msf_jax.benchmark.__main__ import main
 from msf_jax.benchmark.common import peak_tflops
 from msf_jax.benchmark.memory import saved_activation_gib
@@ -29,6 +30,35 @@ def test_gpu_preset_is_the_paper_setting():
     assert (d.name, d.input_size, b.name, b.input_size, r.name, r.stage) == \
         ("DiT-XL/2", 32, "DiT-XL/2", 16, "DiT-B/2", "residual")
     assert p.sample_steps == (250, 250, 50)
+
+
+def test_sample_section_times_the_shipped_sampler():
+    """The MSF program the sample section times draws what `--mode=sample`'s Generator draws for the
+    same config, models and sample indices (statistics, conditioning noise and per-stage keys included)."""
+    from msf_jax.jobs.sample import Generator
+
+    p = presets.get("tiny")
+    dit, base, residual = (sampling.Stage(s, n, p.sample_guidance) for s, n in zip(p.sample_models, p.sample_steps))
+    dit_list, msf_list, seed = sampling.pipeline_stages(dit, base, residual)
+    assert [s.name for s in dit_list] == ["dit"] and [s.name for s in msf_list] == ["base", "residual"]
+    assert msf_list[1].noise_cond and msf_list[0].factorizer.stats is not None
+    idx, labels = np.arange(4), np.arange(4) % 3
+    z = sampling.pipeline_sampler(msf_list, [base, residual], seed)((base.params, residual.params), labels, idx)
+    config = sampling.pipeline_config(dit, base, residual)
+    config.sample.batch_size = 4
+    models = [nnx.merge(s.graphdef, s.params) for s in (base, residual)]
+    generated = Generator(config, msf_list, models, decoder=_Undecoded())(idx, labels)  # z, not uint8
+    assert generated.shape == z.shape == (4, 8, 8, 4) and np.isfinite(np.asarray(z)).all()
+    # Another compilation (and the Generator's batch sharding) may round differently: float32 only.
+    np.testing.assert_allclose(generated, np.asarray(z), rtol=1e-4, atol=1e-4 * float(np.abs(z).max()))
+
+
+class _Undecoded:
+    """A Generator decoder that returns z itself."""
+    state = None
+
+    def __call__(self, state, z):
+        return z
 
 
 def test_every_section_tiny(tmp_path):

@@ -1,11 +1,14 @@
 """The `sample` section: wall-clock per image of MSF vs DiT next to their FLOP ratio, scan overhead,
 and compile time against the number of steps.
 
-Samplers are `msf_jax.diffusion.samplers.sample` (one lax.scan per stage, guidance in one batched call)
-with the weights passed as arguments (not constants). MSF = base sampler -> factorizer.condition ->
-residual sampler -> merge, as `msf_jax.pipeline` runs it. FLOPs come from XLA's cost analysis of the
-lowered guided step of each stage times its number of steps (XLA counts a scan body once, so the
-whole sampler's own cost analysis would count one step).
+MSF vs DiT times the shipped sampler: `msf_jax.pipeline.sample` over the stages `stages.build_stages`
+makes of `configs/default.py` with the preset's models, steps and guidance (per-sample keys from sample
+indices, per-stage keys, factorizer statistics, the residual's conditioning noise: the program
+`--mode=sample`'s Generator compiles, without its decoding), jitted with the weights as arguments
+(not constants). The scan-overhead and compile-time rows time the one-stage scanned sampler
+(`msf_jax.diffusion.samplers.sample`) directly. FLOPs come from XLA's cost analysis of the lowered
+guided step of each stage times its number of steps (XLA counts a scan body once, so the whole
+sampler's own cost analysis would count one step).
 """
 
 from __future__ import annotations
@@ -17,19 +20,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from msf_jax import pipeline
+from msf_jax import stages as stages_lib
 from msf_jax.benchmark.common import compile_timed, cost_flops, median, timed
 from msf_jax.benchmark.train_speed import StepSpec, build_model
 from msf_jax.diffusion.gaussian import GaussianDiffusion
 from msf_jax.diffusion.samplers import guided_model, make_plan, sample
-from msf_jax.factorize import Factorizer
+from msf_jax.factorize import Factorizer, FactorStats
 from msf_jax.models.dit import dit_flops_per_example
 
 
 class Stage:
     """One stage's model (graphdef + params as a jit argument), shapes and sampler settings."""
 
-    def __init__(self, spec: StepSpec, steps: int, guidance: float, seed: int = 0):
-        model = build_model(spec, seed)
+    def __init__(self, spec: StepSpec, steps: int, guidance: float, seed: int = 0, abstract: bool = False):
+        """`abstract`: shapes only (no weights allocated), for `step_flops` and `flops_fwd`."""
+        model = nnx.eval_shape(lambda: build_model(spec, seed)) if abstract else build_model(spec, seed)
         self.graphdef, self.params = nnx.split(model)
         self.spec, self.steps, self.guidance = spec, int(steps), float(guidance)
         self.shape = (spec.input_size, spec.input_size, spec.channels)
@@ -88,13 +94,56 @@ def dit_sampler(stage: Stage):
     return jax.jit(lambda params, labels, keys: stage.run(params, labels, keys))
 
 
-def msf_sampler(base: Stage, residual: Stage):
-    factorizer = Factorizer("laplacian", factor=residual.spec.input_size // base.spec.input_size)
+def pipeline_config(dit: Stage, base: Stage, residual: Stage):
+    """configs/default.py with the benchmark's models, steps and guidance: the DiT-protocol process
+    (learned sigma, DDPM) of every stage, the factor of the two stages' sizes, and the default
+    residual conditioning (noise-augmented, sampled at `residual_cond.sample_level`)."""
+    from configs import default  # ml_collections: CPU-side extra, as in input_rate
 
-    def fn(params, labels, keys):
-        b = base.run(params[0], labels, keys)
-        r = residual.run(params[1], labels, keys, cond=factorizer.condition([b]))
-        return factorizer.merge(b, r)
+    config = default.get_config()
+    size, channels = dit.spec.input_size, dit.spec.channels
+    if channels == 4:  # SD-VAE latents
+        config.space, config.data.image_size = "latent", size * 8
+    elif channels == 3:
+        config.space, config.data.image_size = "pixel", size
+    else:
+        raise ValueError(f"pipeline_config: {channels} channels are neither pixels (3) nor SD-VAE latents (4)")
+    config.data.num_classes = dit.spec.num_classes
+    config.factorizer.factor = residual.spec.input_size // base.spec.input_size
+    for name, stage in (("dit", dit), ("base", base), ("residual", residual)):
+        section = config[name]
+        section.model.update({k: v for k, v in stage.spec.model_cfg().items() if k in section.model})
+        section.process, section.sampler = "gaussian", "ddpm"
+        section.model.learn_sigma = True
+        section.num_sampling_steps, section.guidance_scale = stage.steps, stage.guidance
+    return config
+
+
+def pipeline_stages(dit: Stage, base: Stage, residual: Stage):
+    """([dit], [base, residual]) as `--mode=sample` builds them from `pipeline_config`, the MSF stages
+    with factorizer statistics (any: their values do not change the cost)."""
+    config = pipeline_config(dit, base, residual)
+    factorizer = Factorizer.from_config(config.factorizer)
+    shapes = factorizer.component_shapes(stages_lib.data_shape(config))
+    stats = FactorStats(means=tuple(np.full(s[-1], 0.1 * k) for k, s in enumerate(shapes)),
+                        stds=tuple(np.full(s[-1], 1.0 + 0.5 * k) for k, s in enumerate(shapes)))
+    msf = stages_lib.build_stages(config, factorizer.with_stats(stats))
+    dit_list = stages_lib.build_stages(config, single_stage=True)
+    for pstage, stage in zip(dit_list + msf, (dit, base, residual)):
+        if pstage.target_shape != stage.shape or pstage.noise_cond != stage.cond:
+            raise ValueError(f"pipeline_stages: {pstage.name} is {pstage.target_shape} (noise_cond="
+                             f"{pstage.noise_cond}), the benchmark's model {stage.shape} (cond={stage.cond})")
+    return dit_list, msf, config.seed
+
+
+def pipeline_sampler(stage_list, bench_stages, seed: int):
+    """jit((params per stage), labels, indices) -> z: `pipeline.sample` with keys from the sample
+    indices, as `jobs.sample.Generator` runs it."""
+    graphdefs = [s.graphdef for s in bench_stages]
+
+    def fn(params, labels, indices):
+        models = [stages_lib.model_function(nnx.merge(g, p)) for g, p in zip(graphdefs, params)]
+        return pipeline.sample(stage_list, models, labels, pipeline.sample_keys(seed, indices))
 
     return jax.jit(fn)
 
@@ -107,13 +156,17 @@ def _time_runs(compiled, args, warmup: int, iters: int) -> float:
 
 def compare_msf_dit(dit: Stage, base: Stage, residual: Stage, *, batch: int, warmup: int = 1,
                     iters: int = 1) -> dict:
-    """Wall-clock per image of the MSF sampler and the DiT sampler, and their FLOP ratios."""
-    labels, keys = _inputs(batch, dit.spec.num_classes)
-    c_dit, compile_dit = compile_timed(dit_sampler(dit), dit.params, labels, keys)
-    t_dit = _time_runs(c_dit, (dit.params, labels, keys), warmup, iters)
-    msf_params = (base.params, residual.params)
-    c_msf, compile_msf = compile_timed(msf_sampler(base, residual), msf_params, labels, keys)
-    t_msf = _time_runs(c_msf, (msf_params, labels, keys), warmup, iters)
+    """Wall-clock per image of `pipeline.sample` with the MSF stages and with the DiT, and their FLOP
+    ratios."""
+    dit_list, msf_list, seed = pipeline_stages(dit, base, residual)
+    labels = jnp.asarray(np.arange(batch) % dit.spec.num_classes, jnp.int32)
+    indices = jnp.arange(batch, dtype=jnp.uint32)
+    dit_params, msf_params = (dit.params,), (base.params, residual.params)
+    c_dit, compile_dit = compile_timed(pipeline_sampler(dit_list, [dit], seed), dit_params, labels, indices)
+    t_dit = _time_runs(c_dit, (dit_params, labels, indices), warmup, iters)
+    c_msf, compile_msf = compile_timed(pipeline_sampler(msf_list, [base, residual], seed), msf_params, labels,
+                                       indices)
+    t_msf = _time_runs(c_msf, (msf_params, labels, indices), warmup, iters)
     f_dit = _mul(dit.step_flops(batch), dit.steps)
     f_base, f_res = _mul(base.step_flops(batch), base.steps), _mul(residual.step_flops(batch), residual.steps)
     f_msf = None if f_base is None or f_res is None else f_base + f_res
