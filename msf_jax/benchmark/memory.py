@@ -10,8 +10,11 @@ to save memory, so its temp figures shrink little under remat (the caller compil
 concurrency-optimized scheduler off and no LLVM optimization; neither changes what is analysed).
 
 `saved_gib` is backend-independent: the activations the model's forward keeps for its backward
-(JAX's saved residuals, parameters excluded) at the row's per-device batch. It shows what remat
-saves on any device.
+(JAX's saved residuals, parameters and inputs excluded), per device. It shows what remat saves on
+any device. Both rows measure it: the one-device row from the traced forward's residuals; the FSDP
+row from the partitioned program: the forward's VJP residuals compiled as outputs with the train
+step's input shardings, each residual counted at the per-device shard shape XLA's sharding
+propagation gives it (a residual it leaves replicated counts in full on every device).
 """
 
 from __future__ import annotations
@@ -32,37 +35,74 @@ from msf_jax.runtime import axes, sharding
 def _row(spec: StepSpec, devices: int, compiled, compile_s: float, saved_gib: float | None) -> dict:
     mem = memory_stats(compiled) or {}
     return dict(config=spec.label(), global_batch=spec.batch, devices=devices, remat=spec.remat,
-                compile_s=compile_s, saved_gib=None if saved_gib is None else saved_gib / devices, **mem)
+                compile_s=compile_s, saved_gib=saved_gib, **mem)
 
 
-def saved_activation_gib(ts: TrainStep) -> float | None:
-    """GiB the model's forward keeps for the backward at the spec's batch (JAX's saved residuals of
-    the forward's VJP, the parameters and inputs themselves excluded; traced, not run)."""
+def _forward_residuals(ts: TrainStep):
+    """(fn, args, activations): fn(rest, params, x, t, y, cond, level) -> the forward's VJP closure,
+    whose leaves are JAX's saved residuals; the abstract args; and the indices of the output leaves
+    that are activations (each distinct value once; not an argument, a constant or a literal).
+    None where JAX's saved-residual machinery is not importable."""
     try:
-        from jax._src.ad_checkpoint import saved_residuals  # the function behind print_saved_residuals
+        from jax._src import core  # Literal: what jax._src.ad_checkpoint.saved_residuals tells apart
     except ImportError:
         return None
     img, lab, cond = ts.abstract_batch()
     n = lab.shape[0]
     t = jax.ShapeDtypeStruct((n,), jnp.int32)
     level = None if cond is None else jax.ShapeDtypeStruct((n,), jnp.float32)
-    rest = ts.abstract_state["rest"]
+    args = (ts.abstract_state["rest"], ts.abstract_state["params"], img, t, lab, cond, level)
 
-    def forward(p, x, tt, y, c, lvl):
-        return nnx.merge(ts.graphdef, p, rest)(x, tt, y, c, lvl)
+    def fn(rest, p, x, tt, y, c, lvl):
+        forward = lambda p, x, tt, y, c, lvl: nnx.merge(ts.graphdef, p, rest)(x, tt, y, c, lvl)  # noqa: E731
+        return jax.vjp(forward, p, x, tt, y, c, lvl)[1]
 
-    residuals = saved_residuals(forward, ts.abstract_state["params"], img, t, lab, cond, level)
-    nbytes = sum(np.prod(aval.shape) * aval.dtype.itemsize for aval, why in residuals
-                 if "from the argument" not in why and hasattr(aval, "shape"))
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    inputs, seen, activations = set(jaxpr.invars) | set(jaxpr.constvars), set(), []
+    for i, v in enumerate(jaxpr.outvars):
+        if isinstance(v, core.Literal) or v in inputs or v in seen:
+            continue
+        seen.add(v)
+        activations.append(i)
+    return fn, args, activations
+
+
+def saved_activation_gib(ts: TrainStep, mesh: Mesh | None = None, state_shardings=None) -> float | None:
+    """GiB per device that the model's forward keeps for the backward at the spec's batch (JAX's saved
+    residuals of the forward's VJP, the parameters and inputs themselves excluded).
+
+    Without `mesh`: one device, from the traced forward (nothing compiled). With `mesh` and the train
+    state's shardings: compiled on the mesh with the FSDP step's input shardings (parameters by the
+    state shardings, the batch split over the batch axes) and read from the partitioned program, each
+    residual at its per-device shard shape."""
+    found = _forward_residuals(ts)
+    if found is None:
+        return None
+    fn, args, activations = found
+    if mesh is None:
+        avals = jax.eval_shape(fn, *args)
+        leaves = jax.tree.leaves(avals)
+        return float(sum(np.prod(leaves[i].shape) * leaves[i].dtype.itemsize for i in activations)) / 2**30
+    img_sh, vec_sh = sharding.batch_sharding(mesh, 4), sharding.batch_sharding(mesh, 1)
+    rest, params, img, t, lab, cond, level = args
+    in_sh = (state_shardings["rest"], state_shardings["params"], img_sh, vec_sh, vec_sh,
+             None if cond is None else img_sh, None if level is None else vec_sh)
+    compiled = jax.jit(sharding.traced_on(mesh, fn), in_shardings=in_sh).lower(*args).compile()
+    shapes = jax.tree.leaves(jax.eval_shape(fn, *args))
+    shardings = jax.tree.leaves(compiled.output_shardings)
+    if len(shardings) != len(shapes):
+        raise RuntimeError(f"saved_activation_gib: {len(shardings)} output shardings for {len(shapes)} residuals")
+    nbytes = sum(np.prod(shardings[i].shard_shape(shapes[i].shape)) * shapes[i].dtype.itemsize
+                 for i in activations)
     return float(nbytes) / 2**30
 
 
-def single_device(ts: TrainStep, saved_gib: float | None) -> dict:
+def single_device(ts: TrainStep) -> dict:
     compiled, secs = compile_timed(ts.jitted(), ts.abstract_state, *ts.abstract_batch())
-    return _row(ts.spec, 1, compiled, secs, saved_gib)
+    return _row(ts.spec, 1, compiled, secs, saved_activation_gib(ts))
 
 
-def fsdp(ts: TrainStep, num_devices: int, saved_gib: float | None) -> dict:
+def fsdp(ts: TrainStep, num_devices: int) -> dict:
     """Parameters/EMA/optimizer state over a (1, num_devices, 1) (data, fsdp, tensor) mesh."""
     devices = jax.devices()[:num_devices]
     if len(devices) < num_devices:
@@ -78,7 +118,7 @@ def fsdp(ts: TrainStep, num_devices: int, saved_gib: float | None) -> dict:
     jitted = ts.jitted(in_shardings=(state_sh, img_sh, lab_sh, None if cond is None else img_sh),
                        out_shardings=(state_sh, sharding.replicated(mesh)), mesh=mesh)
     compiled, secs = compile_timed(jitted, abstract_state, img, lab, cond)
-    return _row(ts.spec, num_devices, compiled, secs, saved_gib)
+    return _row(ts.spec, num_devices, compiled, secs, saved_activation_gib(ts, mesh, state_sh))
 
 
 def bench_memory(specs, *, fsdp_devices: int, remat_options=(False, True)) -> list[dict]:
@@ -86,8 +126,7 @@ def bench_memory(specs, *, fsdp_devices: int, remat_options=(False, True)) -> li
     for spec in specs:
         for remat in remat_options:
             ts = TrainStep(dataclasses.replace(spec, remat=remat))
-            saved = saved_activation_gib(ts)  # per spec: the same traced forward for both rows
-            rows.append(single_device(ts, saved))
+            rows.append(single_device(ts))
             if fsdp_devices > 1:
-                rows.append(fsdp(ts, fsdp_devices, saved))
+                rows.append(fsdp(ts, fsdp_devices))
     return rows
