@@ -78,6 +78,22 @@ def test_saved_activations_are_read_from_the_partitioned_program():
     assert 0.502 * one < tensor < 0.95 * one, tensor / one  # observed 0.508
 
 
+def test_sampling_flops_script_gives_the_readme_ratios(capsys):
+    """benchmarks/sampling_flops.py (the README's command for the ImageNet-256 FLOP ratios), analytic
+    count only: abstract shapes, nothing compiled."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "sampling_flops.py")
+    spec = importlib.util.spec_from_file_location("sampling_flops", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for argv, ratio in (([], "0.284"), (["--residual_steps=25"], "0.264"), (["--base_steps=200"], "0.235"),
+                        (["--base_steps=200", "--residual_steps=25"], "0.215")):
+        script.main(argv + ["--analytic_only"])
+        assert f"analytic FLOP ratio MSF / DiT: {ratio}" in capsys.readouterr().out
+
+
 def test_every_section_tiny(tmp_path):
     out = tmp_path / "bench.json"
     res = main(["--preset=tiny", f"--json={out}", f"--input_dir={tmp_path}"])
