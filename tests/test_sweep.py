@@ -16,7 +16,8 @@ from msf_jax.factorize import Factorizer
 from msf_jax.jobs import frontier
 from msf_jax.jobs import sample as sample_lib
 from msf_jax.jobs import sweep as sweep_lib
-from msf_jax.jobs.sweep_sampler import StageRun, SweepSampler
+from msf_jax.diffusion import SAMPLERS, FlowMatching, GaussianDiffusion
+from msf_jax.jobs.sweep_sampler import StageRun, SweepSampler, count_model_calls
 from msf_jax.models.dit import dit_flops_per_example
 from tests.tiny import tiny_config
 
@@ -103,6 +104,40 @@ def test_cost_counts_model_calls(setup):
     cost = sampler.cost({"base": StageRun("heun", 3, 2.0), "residual": StageRun("euler", 3, 1.0)})
     assert cost["flops_per_image"] == pytest.approx(
         cost["base_calls"] * sampler.call_flops("base", True) + 3 * sampler.call_flops("residual", False))
+
+
+def test_model_calls_of_every_process_and_sampler():
+    """Every sampler a config can name is counted, with and without learned sigma (Gaussian: 2C outputs)."""
+    n = 3
+    per_step = {"ddpm": 1, "ddim": 1, "euler": 1, "heun": 2}
+    assert set(per_step) == {s for names in SAMPLERS.values() for s in names}  # a new sampler needs a line here
+    for kind, names in SAMPLERS.items():
+        for learn_sigma in (False, True):
+            process = (GaussianDiffusion.dit(1000, learn_sigma=learn_sigma) if kind == "gaussian"
+                       else FlowMatching(learn_sigma=learn_sigma))
+            for sampler in names:
+                assert count_model_calls(process, sampler, n) == per_step[sampler] * n, (kind, sampler, learn_sigma)
+    assert count_model_calls(FlowMatching(), "heun", n, heun_final_step="euler") == 2 * n - 1
+
+
+def test_sweep_of_learned_sigma_gaussian_stages(tmp_path):
+    """The ImageNet configs' stages (Gaussian, learned sigma, DDPM/DDIM, guided) sweep end to end."""
+    config = tiny_config()  # base and dit: gaussian ddpm with learned sigma, as configs/default.py
+    config.residual.process, config.residual.sampler, config.residual.model.learn_sigma = "gaussian", "ddim", True
+    config.dit.sampler = "ddim"
+    config.eval.metric, config.sample.batch_size = "swd", 2
+    s = config.sweep
+    s.num_samples, s.base_steps, s.residual_steps, s.dit_steps = 2, "2", "2", "2"
+    factorizer = Factorizer.from_config(config.factorizer)
+    models = {name: stages.make_stage(config, name, factorizer).build_model(seed=i)
+              for i, name in enumerate(("base", "residual", "dit"))}
+    assert all(m.out_channels == 2 * m.in_channels for m in models.values())
+    sampler = SweepSampler(config, models, factorizer, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    rows = sweep_lib.run_sweep(config, str(tmp_path / "run"), sampler=sampler)["rows"]
+    by_id = {r["id"]: r for r in rows}
+    assert set(by_id) == {"msf_ddpm2_g1.5_ddim2_g1.5_l0", "dit_ddim2_g1.5"}
+    assert by_id["dit_ddim2_g1.5"]["dit_calls"] == 2 and by_id["msf_ddpm2_g1.5_ddim2_g1.5_l0"]["base_calls"] == 2
+    assert all(np.isfinite(r["quality"]) and r["flops_per_image"] > 0 for r in rows)
 
 
 def test_sweep_table_front_plot_resume_and_no_recompilation(setup, tmp_path):

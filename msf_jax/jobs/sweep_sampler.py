@@ -54,18 +54,20 @@ def compiled_flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def count_model_calls(process, sampler: str, steps: int, out_channels: int, heun_final_step: str = "heun") -> int:
+def count_model_calls(process, sampler: str, steps: int, heun_final_step: str = "heun") -> int:
     """Model evaluations per sample of `sampler` with `steps` steps, counted while it runs.
 
-    The real step functions run on a 1-sample, 2x2 input with a stand-in model that returns zeros and
-    reports each evaluation from the device (`jax.debug.callback`), so branches not taken
-    (e.g. Heun's last step) are not counted.
+    The real step functions run on a 1-sample, 2x2x1 input with a stand-in model that returns zeros
+    shaped like a DiT's output ([eps | variance] channels when the process learns sigma) and reports
+    each evaluation from the device (`jax.debug.callback`), so branches not taken (e.g. Heun's last
+    step) are not counted.
     """
     calls = []
+    out_factor = 2 if getattr(process, "learn_sigma", False) else 1
 
     def model_fn(x, t, y, cond=None, cond_level=None):
         jax.debug.callback(lambda: calls.append(1), ordered=True)
-        return jnp.zeros(x.shape[:-1] + (out_channels,), x.dtype)
+        return jnp.zeros(x.shape[:-1] + (out_factor * x.shape[-1],), x.dtype)
 
     run = jax.jit(lambda keys: samplers.sample(process, model_fn, (2, 2, 1), jnp.zeros((1,), jnp.int32),
                                                keys, sampler=sampler, num_steps=steps,
@@ -176,10 +178,9 @@ class SweepSampler:
         """Model evaluations per sample of stage `name` under `run` (cached per sampler and steps)."""
         key = (name, run.sampler, run.steps)
         if key not in self._calls:
-            model = self.models[name]
-            cfg = self.stages[name].config
-            self._calls[key] = count_model_calls(self.stages[name].process, run.sampler, run.steps,
-                                                 int(model.out_channels), cfg.heun_final_step)
+            stage = self.stages[name]
+            self._calls[key] = count_model_calls(stage.process, run.sampler, run.steps,
+                                                 stage.config.heun_final_step)
         return self._calls[key]
 
     def call_flops(self, name: str, guided: bool) -> float:
