@@ -91,19 +91,29 @@ def test_sweep_images_match_mode_sample(setup):
     assert np.mean(got == expected) > 0.99
 
 
-def test_cost_counts_model_calls(setup):
+def test_cost_counts_model_calls(setup, monkeypatch):
+    """Cost = model calls x the analytic FLOPs of one call (x 2 guided); XLA's figure beside it on CPU."""
     config, models, _, sampler = setup
     heun = [sampler.model_calls("base", StageRun("heun", n, 1.0)) for n in (2, 3, 4)]
     assert heun[1] - heun[0] == heun[2] - heun[1] == 2  # two evaluations per Heun step
     assert sampler.model_calls("residual", StageRun("euler", 5, 1.0)) == 5
     for name in ("base", "residual"):
         analytic = dit_flops_per_example(models[name])
-        plain, guided = sampler.call_flops(name, False), sampler.call_flops(name, True)
+        assert sampler.call_flops(name, False) == analytic and sampler.call_flops(name, True) == 2 * analytic
+        plain, guided = sampler.xla_call_flops(name, False), sampler.xla_call_flops(name, True)
         assert 0.9 * analytic < plain < 1.5 * analytic  # XLA also counts the elementwise work
         assert guided == pytest.approx(2 * plain, rel=0.05)  # CFG doubles the batch
-    cost = sampler.cost({"base": StageRun("heun", 3, 2.0), "residual": StageRun("euler", 3, 1.0)})
-    assert cost["flops_per_image"] == pytest.approx(
-        cost["base_calls"] * sampler.call_flops("base", True) + 3 * sampler.call_flops("residual", False))
+    runs = {"base": StageRun("heun", 3, 2.0), "residual": StageRun("euler", 3, 1.0)}
+    cost = sampler.cost(runs)
+    base, residual = dit_flops_per_example(models["base"]), dit_flops_per_example(models["residual"])
+    assert cost["base_calls"] == 6 and cost["residual_calls"] == 3
+    assert cost["flops_per_image"] == 6 * 2 * base + 3 * residual
+    assert cost["xla_flops_per_image"] == pytest.approx(
+        6 * sampler.xla_call_flops("base", True) + 3 * sampler.xla_call_flops("residual", False))
+    assert 0.9 < cost["xla_flops_per_image"] / cost["flops_per_image"] < 1.5
+    # Off CPU (XLA:GPU undercounts matmuls, fused attention hides its FLOPs) only the analytic count.
+    monkeypatch.setattr(SweepSampler, "xla_cost_is_reliable", lambda self: False)
+    assert sampler.cost(runs) == {k: v for k, v in cost.items() if k != "xla_flops_per_image"}
 
 
 def test_model_calls_of_every_process_and_sampler():
@@ -172,6 +182,7 @@ def test_sweep_table_front_plot_resume_and_no_recompilation(setup, tmp_path):
     assert [r["id"] for r in table] == [r["id"] for r in js["rows"]] == [r["id"] for r in rows]
     for r in js["rows"]:
         assert r["quality"] > 0 and r["flops_per_image"] > 0 and r["images_per_s"] > 0 and r["metric"] == "SWD"
+        assert 0.9 < float(r["xla_flops_per_image"]) / r["flops_per_image"] < 1.5  # the check column (CPU)
         assert r["quality"] == pytest.approx(r["swd/mean"])
     by_id = {r["id"]: r for r in rows}
     cheap, dear = by_id["msf_heun2_g1.5_euler3_g1.5_l0"], by_id["msf_heun3_g1.5_euler3_g1.5_l0"]

@@ -4,7 +4,9 @@ For every setting of the grid in `config.sweep` (MSF: base/residual sampler, ste
 the conditioning level `sample_level`; single-stage DiT: sampler, steps, guidance), the same
 `sweep.num_samples` indices (labels and noise per index as in `--mode=sample`) are sampled, scored with
 `config.eval.metric` (FID with converted Inception weights, or SWD) and costed (model FLOPs per image
-from XLA's cost analysis, and images/s measured). Outputs under `workdir/sweep/` (a local directory or
+by the analytic count of `models.dit.dit_flops_per_example` x model calls x 2 when guided, the same
+on every backend; on CPU also XLA's cost analysis of the same calls, `xla_flops_per_image`, as a
+check; and images/s measured; see `sweep_sampler`). Outputs under `workdir/sweep/` (a local directory or
 a gs:// URL; every file is written through `paths`, committed):
   settings/<id>.json   one result per setting: a rerun skips settings committed there
   sweep.csv, sweep.json   the table of every setting scored in this workdir (sweep.json also lists

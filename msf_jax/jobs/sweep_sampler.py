@@ -9,9 +9,15 @@ a setting is sampled by `pipeline.sample` over the stages with the setting's sam
 guidance, so a setting's images equal `--mode=sample`'s with the same values in the config.
 
 Cost: model FLOPs per image = sum over stages of (model evaluations per sample, counted at run time
-in the stage's real sampler) x (FLOPs of one, possibly guided, model evaluation per image, from XLA's
-cost analysis of the compiled call). XLA's cost analysis counts a `lax.scan` body once, whatever its
-length, so the compiled whole sampler cannot be read directly. The decoder (VAE) is not included.
+in the stage's real sampler) x (the analytic FLOPs of one DiT evaluation per image,
+`models.dit.dit_flops_per_example`: matmuls and attention, 2 per multiply-add) x (2 when the stage is
+guided: classifier-free guidance evaluates both halves). The count depends on the architecture only,
+not on the backend or on which attention kernel a stage compiled to (a fused cuDNN or splash call
+hides its FLOPs from XLA; XLA:GPU's cost analysis undercounts cuBLAS matmuls ~45x). On CPU, where
+XLA's cost analysis counts every op, its figure for the compiled model call (also elementwise work)
+is kept beside it as `xla_flops_per_image`, a check of the analytic count. XLA counts a `lax.scan`
+body once, whatever its length, so it is read from one model call, never from the whole sampler.
+The decoder (VAE) is not included.
 """
 
 from __future__ import annotations
@@ -22,11 +28,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msf_jax import pipeline, stages
 from msf_jax.diffusion import samplers
+from msf_jax.models.dit import dit_flops_per_example
 from msf_jax.pipeline import Decoder, sample_keys
 from msf_jax.runtime import sharding
 
@@ -184,7 +192,17 @@ class SweepSampler:
         return self._calls[key]
 
     def call_flops(self, name: str, guided: bool) -> float:
-        """FLOPs per image of one evaluation of stage `name`'s model (guided: both CFG halves)."""
+        """Analytic FLOPs per image of one evaluation of stage `name`'s model (guided: both CFG halves)."""
+        return dit_flops_per_example(self.models[name]) * (2 if guided else 1)
+
+    def xla_cost_is_reliable(self) -> bool:
+        """XLA's cost analysis counts every op only on CPU (GPU: cuBLAS and cuDNN calls are undercounted
+        or hidden; TPU: custom kernels such as splash attention are opaque)."""
+        return self.mesh.devices.flat[0].platform == "cpu"
+
+    def xla_call_flops(self, name: str, guided: bool) -> float:
+        """FLOPs per image of one evaluation of stage `name`'s model from XLA's cost analysis of the
+        compiled call (guided: both CFG halves and the guidance arithmetic)."""
         if (name, guided) in self._flops:
             return self._flops[(name, guided)]
         stage, model = self.stages[name], self.models[name]
@@ -207,11 +225,21 @@ class SweepSampler:
         return self._flops[(name, guided)]
 
     def cost(self, runs: dict[str, StageRun]) -> dict[str, float]:
-        """{flops_per_image, <stage>_calls, <stage>_flops_per_call} of a setting."""
+        """{flops_per_image, <stage>_calls, <stage>_flops_per_call} of a setting (analytic FLOPs), and
+        on CPU `xla_flops_per_image` (XLA's cost analysis of the same calls) as a check."""
         out = {"flops_per_image": 0.0}
+        xla = self.xla_cost_is_reliable()
+        if xla:
+            out["xla_flops_per_image"] = 0.0
         for name, run in runs.items():
             calls, per_call = self.model_calls(name, run), self.call_flops(name, run.static[2])
             out[f"{name}_calls"] = calls
             out[f"{name}_flops_per_call"] = per_call
             out["flops_per_image"] += calls * per_call
+            if xla:
+                out["xla_flops_per_image"] += calls * self.xla_call_flops(name, run.static[2])
+        if xla and not 0.8 <= out["xla_flops_per_image"] / out["flops_per_image"] <= 2.0:
+            logging.warning("sweep: XLA's cost analysis counts %.3g FLOPs per image where the analytic count "
+                            "is %.3g: check models.dit.dit_flops_per_example against the model",
+                            out["xla_flops_per_image"], out["flops_per_image"])
         return out
