@@ -117,6 +117,33 @@ def test_files_resume_npz_and_tfrecord(setup, tmp_path):
     assert not [f for f in os.listdir(tmp_path / "full" / "samples") if f.endswith(".tmp")]
 
 
+def test_a_failed_run_does_not_bind_its_workdir(setup, tmp_path):
+    """No checkpoint: the run fails before sampling and writes no run spec, so the corrected command runs;
+    once samples exist, other settings are refused, naming the field."""
+    import json
+
+    from msf_jax.jobs import run_spec
+
+    config, stage_list, models = setup
+    config = config.copy_and_resolve_references()
+    config.sample.num_samples, config.sample.shard_size = 4, 4
+    workdir, spec_path = str(tmp_path / "w"), tmp_path / "w" / "samples" / "run_spec.json"
+    with pytest.raises(ValueError, match="no checkpoint"):
+        sample_lib.sample_to_files(config, workdir)
+    assert not spec_path.exists()
+    # A workdir an older version poisoned (a spec, no samples) does not refuse either.
+    spec_path.write_text(json.dumps({"seed": 123}))
+    gen = sample_lib.Generator(config, stage_list, models, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+    sample_lib.sample_to_files(config, workdir, generator=gen)
+    assert json.loads(spec_path.read_text()) == run_spec.sampling_spec(config)
+    for field, value in (("ddim_eta", 0.5), ("heun_final_step", "euler"), ("guidance_channels", 1)):
+        changed = config.copy_and_resolve_references()
+        changed.base[field] = value
+        with pytest.raises(ValueError, match=rf"holds samples made with other settings \(base\.{field}\)"):
+            sample_lib.sample_to_files(changed, workdir, generator=gen)
+    sample_lib.sample_to_files(config, workdir, generator=gen)  # the same settings: reused
+
+
 def test_sample_and_evaluate_from_training_workdirs(tmp_path):
     """The whole path a user takes: train both stages, --mode=sample from their workdirs, --mode=evaluate."""
     from msf_jax.jobs import evaluate, train

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from msf_jax import pipeline, stages
 from msf_jax.factorize import Factorizer, FactorStats
+from msf_jax.jobs import run_spec
 from msf_jax.pipeline import Decoder, make_decoder, pixels_to_uint8, sample_keys  # noqa: F401 (re-exported)
 from msf_jax.runtime import checkpoint as ckpt_lib
 from msf_jax.runtime import distributed, outputs, paths
@@ -204,12 +205,16 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
     paths.makedirs(parts_dir)
     n, shard = int(sc.num_samples), int(sc.shard_size)
     num_shards = -(-n // shard)
-    _check_run_spec(paths.join(out_dir, "run_spec.json"), config)
+    # Finished parts are reused only if sampled with the same settings; the spec is written once the
+    # models are loaded (a run without a checkpoint leaves nothing that binds the workdir).
+    commit_spec = run_spec.check(paths.join(out_dir, "run_spec.json"), run_spec.sampling_spec(config),
+                                 what="samples", produced=lambda: bool(paths.committed_names(parts_dir, ".npz")))
     mine = [s for s in range(num_shards) if s % jax.process_count() == jax.process_index()]
     todo = [s for s in mine if not paths.is_committed(_part_path(parts_dir, s))]
     done_count = sum(min(shard, n - s * shard) for s in mine if s not in todo)
     logging.info("Sampling %d images in %d shards (%d left on this host)", n, num_shards, len(todo))
     generator = generator or make_generator(config)
+    commit_spec()
     progress = Progress(sum(min(shard, n - s * shard) for s in mine), "sampling", unit="img",
                         initial=done_count, phase="compiling" if todo else "")
     for s in todo:
@@ -246,25 +251,6 @@ def sample_to_files(config, workdir: str, generator: Generator | None = None) ->
         if "tfrecord" in wanted:
             written["tfrecords"] = paths.glob(paths.join(out_dir, "shard-*.tfrecord"))
     return written
-
-
-def _check_run_spec(path: str, config) -> None:
-    """Finished parts are reused on a rerun only if they were sampled with the same settings."""
-    import json
-
-    full = json.loads(config.to_json())
-    keys = ("seed", "space", "data", "factorizer", "base", "residual", "dit", "residual_cond", "vae") + tuple(
-        k for k in full if k.startswith("residual_") and k != "residual_cond")
-    spec = {k: full.get(k) for k in keys}
-    spec["sample"] = {k: v for k, v in full["sample"].items() if k not in ("batch_size", "outputs")}
-    if paths.exists(path):
-        old = paths.read_json(path)
-        if old != spec:
-            changed = sorted(k for k in spec if old.get(k) != spec[k])
-            raise ValueError(f"{paths.dirname(path)} holds samples made with other settings ({', '.join(changed)}): "
-                             "use another workdir or delete it")
-    elif jax.process_index() == 0:
-        paths.write_committed_json(path, spec)
 
 
 def _part_path(parts_dir: str, shard: int) -> str:
