@@ -221,11 +221,23 @@ def test_sweep_table_front_plot_resume_and_no_recompilation(setup, tmp_path):
     assert not scored and len(smaller["rows"]) == 10
     config.sweep.base_steps = "2,3"
 
-    # Other samples in the same workdir are refused.
-    config.sweep.num_samples = 4
-    with pytest.raises(ValueError, match="num_samples"):
-        sweep_lib.run_sweep(config, workdir, sampler=sampler)
-    config.sweep.num_samples = 6
+    # Other samples in the same workdir are refused, and so is any other field the sampler reads but
+    # the grid does not decide.
+    for section, field, value in (("sweep", "num_samples", 4), ("base", "heun_final_step", "euler"),
+                                  ("residual", "ddim_eta", 0.5), ("dit", "guidance_channels", 1)):
+        changed = config.copy_and_resolve_references()
+        changed[section][field] = value
+        name = "num_samples" if section == "sweep" else rf"{section}\.{field}"
+        with pytest.raises(ValueError, match=rf"holds a sweep made with other settings \({name}\)"):
+            sweep_lib.run_sweep(changed, workdir, sampler=sampler)
+
+
+def test_a_failed_sweep_does_not_bind_its_workdir(tmp_path):
+    """Without checkpoints the sweep fails before it starts and writes no run spec."""
+    config = _config()
+    with pytest.raises(ValueError, match="sample.base_checkpoint"):
+        sweep_lib.run_sweep(config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "sweep" / "run_spec.json")
 
 
 def test_mode_sweep_from_converted_files(tmp_path):

@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from msf_jax.jobs import frontier
+from msf_jax.jobs import frontier, run_spec
 from msf_jax.jobs.sweep_sampler import StageRun, SweepSampler
 from msf_jax.runtime import paths
 from msf_jax.runtime.progress import Progress
@@ -167,27 +167,19 @@ def _say(msg: str) -> None:
 
 
 def _run_spec(config) -> dict:
-    """What must not change between runs sharing a workdir (the grid itself may grow)."""
-    full = json.loads(config.to_json())
-    spec = {k: full.get(k) for k in ("seed", "space", "data", "factorizer", "residual_cond", "vae")}
-    spec["models"] = {k: full[k]["model"] for k in ("base", "residual", "dit")}
-    spec["processes"] = {k: full[k]["process"] for k in ("base", "residual", "dit")}
-    spec["sample"] = {k: full["sample"][k] for k in ("labels", "base_checkpoint", "residual_checkpoint",
+    """What must not change between runs sharing a workdir (the grid itself may grow): every field a
+    sample depends on (`run_spec.sampling_spec`) but those the grid decides per setting (each stage's
+    sampler, steps and guidance, the conditioning level), and what a setting is scored with."""
+    spec = run_spec.sampling_spec(config)
+    for name in run_spec.stage_sections(spec):
+        spec[name] = {k: v for k, v in spec[name].items() if k not in run_spec.GRID_FIELDS}
+    spec["residual_cond"] = {k: v for k, v in spec["residual_cond"].items() if k != "sample_level"}
+    spec["sample"] = {k: spec["sample"][k] for k in ("labels", "base_checkpoint", "residual_checkpoint",
                                                      "dit_checkpoint", "use_ema")}
+    full = json.loads(config.to_json())
     spec["eval"] = {k: full["eval"][k] for k in ("metric", "reference", "inception_weights")}
     spec["num_samples"] = int(config.sweep.num_samples)
     return spec
-
-
-def _check_run_spec(path: str, spec: dict) -> None:
-    if paths.is_committed(path):
-        old = paths.read_json(path)
-        if old != spec:
-            changed = sorted(k for k in spec if old.get(k) != spec[k])
-            raise ValueError(f"{paths.dirname(path)} holds a sweep with other settings ({', '.join(changed)}): "
-                             "use another workdir or delete it")
-    else:
-        paths.write_committed_json(path, spec)
 
 
 def make_sweep_sampler(config) -> tuple[SweepSampler, bool, bool]:
@@ -212,7 +204,10 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
         raise ValueError("--mode=sweep runs on one host (its local devices); start it on one process")
     out_dir = paths.join(paths.abspath(workdir), "sweep")
     settings_dir = paths.join(out_dir, "settings")
-    _check_run_spec(paths.join(out_dir, "run_spec.json"), _run_spec(config))
+    commit_spec = run_spec.check(
+        paths.join(out_dir, "run_spec.json"), _run_spec(config), what="a sweep",
+        produced=lambda: bool(paths.committed_names(settings_dir, ".json"))
+        or paths.is_committed(paths.join(out_dir, "reference_stats.npz")))
     if sampler is None:
         sampler, has_msf, has_dit = make_sweep_sampler(config)
     else:
@@ -220,6 +215,7 @@ def run_sweep(config, workdir: str, *, sampler: SweepSampler | None = None,
     settings = grid_settings(config, msf=has_msf, dit=has_dit)
     if len({s.id for s in settings}) != len(settings):
         raise ValueError("sweep grid: two settings have the same id")
+    commit_spec()  # the stages are loaded and the grid is valid: the run starts
     n = int(config.sweep.num_samples)
     indices = np.arange(n, dtype=np.int64)
     from msf_jax.jobs.sample import labels_for_indices
