@@ -1,6 +1,8 @@
 """Entry point: `python -m msf_jax.main --mode=MODE --config=configs/X.py [--config.key=value] --workdir=DIR`.
 
-Modes: train | sample | evaluate | extract_latents | demo | sweep. The console script `msf-jax` runs the same.
+Modes: train | sample | evaluate | extract_latents | demo | sweep (`--help` says what each does). The console
+script `msf-jax` runs the same. `--config=configs/X.py` is found from any directory (the installed
+`configs` package).
 All logic lives in importable modules; this file parses flags and turns expected failures (bad
 config, missing data, mismatched checkpoint, NaN loss: errors msf_jax raises on purpose) into
 one-line errors; anything else (a bug) keeps its traceback.
@@ -16,7 +18,15 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-MODES = ("train", "sample", "evaluate", "extract_latents", "demo", "sweep")
+MODE_HELP = {
+    "train": "train one stage (--config.stage=base | residual | dit | residual_<k>); resumes from the workdir",
+    "sample": "draw sample.num_samples images from trained stages: ADM .npz, TFRecords, a grid; resumable",
+    "evaluate": "score samples against a reference (eval.metric: FID with converted Inception weights, or SWD)",
+    "extract_latents": "encode a dataset once into an SD-VAE latent cache (ArrayRecord shards)",
+    "demo": "train a tiny MSF on the built-in synthetic set on the CPU, sample a grid, score it (no --config needed)",
+    "sweep": "the cost/quality frontier of sampling settings (steps, guidance, samplers) of trained stages",
+}
+MODES = tuple(MODE_HELP)
 # Exit status of a training run stopped by SIGTERM after its checkpoint (a preemption, `tpu_pod.sh
 # stop`, a SLURM time limit): not finished, run it again to resume. 42 is what xpk/JobSet restart on
 # by default (with --max-restarts), and what launch/tpu_pod.sh's unattended mode restarts on.
@@ -138,27 +148,96 @@ def run() -> None:
     app.run(main, flags_parser=_parse_flags)
 
 
+_HELP_ARGS = ("--help", "-help", "-h", "--helpshort", "-helpshort", "-?")
+
+
+def usage() -> str:
+    """`--help`: the modes and this entry point's flags (absl's own --help shows the flags of the
+    script's main module, which for the `msf-jax` console script is the wrapper: none)."""
+    width = max(map(len, MODE_HELP))
+    modes = "\n".join(f"  {m:<{width}}  {text}" for m, text in MODE_HELP.items())
+    ours = {holder.name for holder in (_CONFIG, _MODE, _WORKDIR)}
+    module = next((m for m, fl in flags.FLAGS.flags_by_module_dict().items() if ours & {f.name for f in fl}), None)
+    flag_help = flags.FLAGS.module_help(module).split("\n", 1)[-1] if module else ""  # without the module name
+    return f"""MSF two-stage latent diffusion in JAX.
+
+Usage: msf-jax --mode=MODE --config=CONFIG [--config.key=value ...] --workdir=DIR
+       (python -m msf_jax.main takes the same flags)
+
+Modes:
+{modes}
+
+CONFIG is a config file: configs/default.py (MSF, ImageNet 256 latents), configs/msf_256.py,
+configs/msf_512.py, configs/dit_xl2.py (single-stage DiT baseline), configs/demo.py; configs/... is
+found in the current directory or else in the installed `configs` package. Any field can be
+overridden, e.g. --config.train.batch_size=64 --config.sample.base_checkpoint=runs/base.
+
+Flags:
+{flag_help}
+
+Try --helpfull for every flag (absl, JAX, ...).
+"""
+
+
+class ConfigFileError(ValueError):
+    """A --config file that cannot be found."""
+
+
+def _config_file(value: str) -> str:
+    """A local --config value whose file exists: as given (relative to the working directory), else a
+    `configs/...` path resolved against the installed `configs` package (setup.py installs it), so
+    `msf-jax --config=configs/msf_256.py` works from any directory. A `:config_string` suffix is kept."""
+    end = value.find(".py") + 3 if ".py" in value else len(value)
+    path, suffix = value[:end], value[end:]
+    if os.path.isfile(path):
+        return value
+    tried = [os.path.abspath(path)]
+    parts = os.path.normpath(path).split(os.sep)
+    if not os.path.isabs(path) and len(parts) > 1 and parts[0] == "configs":
+        import importlib.util
+
+        spec = importlib.util.find_spec("configs")
+        for root in (spec.submodule_search_locations or []) if spec else []:
+            candidate = os.path.join(root, *parts[1:])
+            if os.path.isfile(candidate):
+                return candidate + suffix
+            tried.append(candidate)
+    raise ConfigFileError(f"config file not found: {path} (looked for {' and '.join(tried)})")
+
+
 def _local_config_files(argv: list[str]) -> list[str]:
-    """`--config=gs://…/x.py`: config_flags imports a local file, so read a remote one to a local copy."""
+    """The --config value as config_flags can import it: a local file found from any working
+    directory (`_config_file`), and a remote one (`gs://…/x.py`) read to a local copy."""
     out = list(argv)
     for i, arg in enumerate(out):
         value = arg[len("--config="):] if arg.startswith("--config=") else None
         if value is None and arg == "--config" and i + 1 < len(out):
             value, i = out[i + 1], i + 1
-        if value and "://" in value:
+        if not value:
+            continue
+        if "://" in value:
             import tempfile
 
             from msf_jax.runtime import paths
 
             end = value.find(".py") + 3 if ".py" in value else len(value)  # keep a `:config_string` suffix
             local = paths.copy_to_local(value[:end], tempfile.mkdtemp(prefix="msf_jax_config_")) + value[end:]
-            out[i] = f"--config={local}" if out[i].startswith("--config=") else local
+        else:
+            local = _config_file(value)
+        out[i] = f"--config={local}" if out[i].startswith("--config=") else local
     return out
 
 
 def _parse_flags(argv):
+    if any(arg in _HELP_ARGS for arg in argv[1:]):
+        print(usage())
+        sys.exit(0)
     try:
         argv = _local_config_files(argv)
+    except ConfigFileError as e:
+        print(f"msf_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
         return flags.FLAGS(argv)
     except (flags.Error, KeyError, AttributeError, ValueError) as e:
         # A typo in --config.key=value or a bad flag: one line, not a traceback.

@@ -2,6 +2,8 @@
 flag preset is applied; a preempted training run exits with PREEMPTED_EXIT_CODE."""
 
 import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -9,6 +11,8 @@ import pytest
 from msf_jax import main
 from msf_jax.jobs import extract, train
 from tests.tiny import tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_main(monkeypatch, tmp_path, config, mode="extract_latents"):
@@ -81,3 +85,30 @@ def test_preempted_training_exits_with_its_own_code(monkeypatch, tmp_path, preem
     with pytest.raises(SystemExit) as exit_info:
         _run_main(monkeypatch, tmp_path, tiny_config(), mode="train")
     assert exit_info.value.code == main.PREEMPTED_EXIT_CODE == 42
+
+
+def _cli(argv, cwd, code="from msf_jax.main import run; run()"):
+    """The command line as the `msf-jax` console script runs it (its __main__ is a wrapper), in `cwd`."""
+    env = dict(os.environ, PYTHONPATH=REPO, MSF_JAX_COMPILATION_CACHE="")
+    env.pop("MSF_JAX_TRACEBACK", None)
+    return subprocess.run([sys.executable, "-c", f"import sys; sys.argv = {['msf-jax', *argv]!r}; {code}"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_config_paths_resolve_from_any_directory(tmp_path):
+    """`configs/...` is found in the installed package from another directory; a missing file is one line."""
+    r = _cli(["--mode=sample", "--config=configs/msf_256.py", f"--workdir={tmp_path / 'w'}"], tmp_path)
+    assert r.returncode == 1, r.stderr  # the config loaded; the run stops where a user's would: no checkpoint
+    assert r.stderr.strip().splitlines()[-1].startswith("msf_jax: error: ValueError: sample: no checkpoint")
+    assert not (tmp_path / "w" / "samples" / "run_spec.json").exists()
+    r = _cli(["--mode=sample", "--config=configs/nope.py", "--workdir=w"], tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"msf_jax: error: config file not found: configs/nope.py (looked for {tmp_path / 'configs/nope.py'} "
+        f"and {os.path.join(REPO, 'configs', 'nope.py')})"]
+
+
+def test_help_shows_the_modes_and_flags(tmp_path):
+    r = _cli(["--help"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    for word in main.MODES + ("--mode", "--config", "--workdir", "--coordinator_address", "configs/msf_256.py"):
+        assert word in r.stdout, word
