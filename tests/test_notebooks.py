@@ -6,9 +6,11 @@ random checkpoints in the official layouts (a DiT `.pt` state_dict, a diffusers 
 here, stand in for the downloads: no network.
 """
 
+import importlib.metadata
 import json
 import os
 import re
+import subprocess
 
 import numpy as np
 import pytest
@@ -47,6 +49,38 @@ def test_notebook_is_ready_to_run_on_colab(name):
     for source in _cells(name):
         assert not re.search(r"^\s*[!%]", source, re.M), "shell/magic lines do not run outside IPython"
         assert not re.search(r"REPLACE|YOUR_|TODO|<[a-z_ ]+>", source), source
+
+
+def test_install_cell_leaves_jax_alone(tmp_path, monkeypatch):
+    """The install cell's pip call holds the installed JAX stack: resolved by pip's dry run (nothing
+    installed) with the cell's own constraints, flax keeps this jax; against an older pinned jax that
+    flax>=0.12 cannot use, pip refuses instead of installing a newer jax over it."""
+    install = _cells(NOTEBOOKS[0])[0]
+    assert all(_cells(name)[0] == install for name in NOTEBOOKS)
+    monkeypatch.setenv("MSF_JAX_NOTEBOOK_TEST", "1")
+    namespace = {"__name__": "__main__"}
+    exec(compile(install, "install cell", "exec"), namespace)  # pylint: disable=exec-used
+    pins = namespace["jax_constraints"]()
+    here = {n: importlib.metadata.version(n) for n in ("jax", "jaxlib")}
+    assert {f"jax=={here['jax']}", f"jaxlib=={here['jaxlib']}"} <= set(pins), pins
+
+    def dry_run(constraints):
+        path, report = tmp_path / "constraints.txt", tmp_path / "report.json"
+        path.write_text("\n".join(constraints) + "\n")
+        command = namespace["pip_install_command"](["flax>=0.12"], str(path))
+        r = subprocess.run(command + ["--dry-run", "--ignore-installed", "--report", str(report)],
+                           capture_output=True, text=True, timeout=300)
+        if r.returncode and "ResolutionImpossible" not in r.stderr:
+            pytest.skip(f"pip cannot resolve against a package index here: {r.stderr.strip().splitlines()[-1:]}")
+        return r, report
+
+    r, report = dry_run(pins)
+    assert r.returncode == 0, r.stderr
+    with open(report) as f:
+        resolved = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.load(f)["install"]}
+    assert resolved["jax"] == here["jax"] and resolved["jaxlib"] == here["jaxlib"]
+    r, _ = dry_run(["jax==0.4.30", "jaxlib==0.4.30"])  # an older runtime's jax
+    assert r.returncode != 0 and "ResolutionImpossible" in r.stderr
 
 
 def test_demo_notebook(tmp_path, monkeypatch):
