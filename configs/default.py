@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
         image_size=256,
         num_classes=1000,
         random_flip=True,
-        num_workers=4,  # grain worker processes per host (0 = in-process); resume with the same value
+        num_workers=4,  # grain worker processes per host (0 = in-process); batches do not depend on it
         read_threads=8,
         min_image_side=0,  # images with a smaller side are skipped and counted (0 = image_size // 4)
         train_split="train",

@@ -237,7 +237,8 @@ def decode_latents(model: AutoencoderKL, z_scaled, scaling_factor: float = SCALI
 
 
 def to_uint8(images):
-    """Images in [-1, 1] (N, H, W, 3) -> uint8, rounded to nearest as DiT's sampler does (127.5x + 128, clip)."""
+    """Images in [-1, 1] (N, H, W, 3) -> uint8 as DiT's sampler: clip(127.5 x + 128, 0, 255), truncated
+    (which rounds 127.5 (x + 1) to nearest, halves up)."""
     return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
 
 

@@ -124,7 +124,8 @@ def is_committed(p: str) -> bool:
 
 
 def uncommit(p: str) -> None:
-    """Drops the marker first (then the file), so a rewrite is never mistaken for a finished one."""
+    """Drops `p`'s commit marker (the file itself stays until it is overwritten), so a rewrite is never
+    mistaken for a finished one: remotely `is_committed` needs the marker."""
     remove(marker(p))
 
 
