@@ -23,7 +23,9 @@ from msf_jax.runtime import distributed, paths
 precision_recall_fn = precision_recall  # `evaluate_npz` has a flag of the same name
 
 
-def _inception_feature_fn(inception_weights: str | None, mesh=None):
+def inception_feature_fn(inception_weights: str | None, mesh=None):
+    """`models.inception.make_feature_fn` of converted pytorch-fid weights (images -> {"pool",
+    "spatial", ...}), with a clear error when the weights are not given or missing."""
     if not inception_weights:
         raise EvaluationError("metric 'fid' needs --inception_weights (convert pytorch-fid's "
                               "pt_inception-2015-12-05-6726825d.pth with `python -m msf_jax.convert inception`)")
@@ -87,7 +89,7 @@ def evaluate_images(samples: np.ndarray, *, reference, inception_weights: str | 
         results.update({f"swd/{k}": v for k, v in sliced_wasserstein_distance(samples, ref).items()})
         return results
 
-    feature_fn = _inception_feature_fn(inception_weights, mesh)
+    feature_fn = inception_feature_fn(inception_weights, mesh)
     feats = compute_features(iterate_batches(samples, batch_size), feature_fn, total=len(samples),
                              desc="Inception features of the samples")
     pool, spatial = FeatureStats.from_features(feats["pool"]), FeatureStats.from_features(feats["spatial"])

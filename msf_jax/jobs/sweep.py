@@ -142,7 +142,7 @@ def make_scorer(config, out_dir: str, num: int) -> tuple[str, Callable[[np.ndarr
         # Reference Inception statistics once, not once per setting.
         path = paths.join(out_dir, "reference_stats.npz")
         if not paths.is_committed(path):
-            feature_fn = evaluate._inception_feature_fn(ec.inception_weights)  # clear error if missing
+            feature_fn = evaluate.inception_feature_fn(ec.inception_weights)  # clear error if missing
             feats = evaluate.compute_features(evaluate.iterate_batches(reference, int(ec.batch_size)),
                                               feature_fn)
             evaluate.FeatureStats.from_features(feats["pool"]).save(
