@@ -32,13 +32,12 @@ from msf_jax.diffusion import make_process
 from msf_jax.diffusion import samplers
 from msf_jax.diffusion.gaussian import linear_beta_schedule
 from msf_jax.factorize import Factorizer
-from msf_jax.models.dit import DiT, dit_from_config
+from msf_jax.models.dit import DTYPES, DiT, dit_from_config  # noqa: F401 (DTYPES: config.train.compute_dtype)
 
 # The conditioning-noise schedule is the DiT training schedule (linear betas over 1000 steps).
 COND_NOISE_STEPS = 1000
 COND_NOISE_KEY_OFFSET = 1000
 _RESIDUAL = re.compile(r"residual(?:_(\d+))?$")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # config.train.compute_dtype
 
 
 def data_shape(config) -> tuple[int, int, int]:

@@ -21,10 +21,8 @@ from flax import nnx
 from msf_jax import train_step
 from msf_jax.benchmark.common import block, compile_timed, machine, median, memory_stats, peak_tflops
 from msf_jax.diffusion.gaussian import GaussianDiffusion
-from msf_jax.models.dit import dit_flops_per_example, dit_from_config
+from msf_jax.models.dit import DTYPES, dit_flops_per_example, dit_from_config
 from msf_jax.runtime import sharding
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -295,7 +295,8 @@ def dit_defaults() -> dict[str, Any]:
 # Fields of a stage's `model` config (configs/default.py) that default to DiT's keyword defaults, and the
 # config spelling of stream_dtype (a dtype name; "" = None = the compute dtype).
 CONFIG_FIELDS = ("mlp_ratio", "class_dropout_prob", "learn_sigma", "attention", "remat_policy", "stream_dtype")
-_STREAM_DTYPES = {"": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # dtype names of configs (train.compute_dtype, ...)
+_STREAM_DTYPES = {"": None, **DTYPES}
 
 
 def config_defaults() -> dict[str, Any]:
