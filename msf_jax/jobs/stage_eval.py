@@ -13,6 +13,7 @@ weights needed) or FID (converted Inception weights).
 from __future__ import annotations
 
 import os
+import weakref
 
 import jax
 import numpy as np
@@ -52,18 +53,23 @@ def stage_images(stage: Stage, model_fn, decoder, vae_state, real_z: jax.Array, 
     return decoder(vae_state, fake), decoder(vae_state, real)
 
 
+# trainer -> {seed: BatchedFn}: compiled once per trainer and seed, dropped with the trainer (the
+# trainer itself is not written to).
+_FNS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _generate(config, trainer, state, num: int, seed: int):
     """(fake, real, labels) as host numpy arrays. Every host must call it (the state is global)."""
     real_z, labels = real_latents(config, num, seed)  # the same data on every host
-    cache = trainer.__dict__.setdefault("_stage_eval_fns", {})  # compiled once per seed
+    cache = _FNS.setdefault(trainer, {})  # compiled once per seed
     if seed not in cache:
         decoder = pipeline.make_decoder(config)
-        graphdef = trainer.graphdef
+        graphdef, stage = trainer.graphdef, trainer.stage  # not `trainer`: the cache must not keep it alive
 
         def run(vae_state, real_z, labels, indices, ema, rest):
             model_fn = stages.model_function(nnx.merge(graphdef, ema, rest))
             keys = pipeline.sample_keys(seed, indices)
-            return stage_images(trainer.stage, model_fn, decoder, vae_state, real_z, labels, keys)
+            return stage_images(stage, model_fn, decoder, vae_state, real_z, labels, keys)
 
         # The batch is split over the trainer's mesh (every host passes the same one), the weights
         # stay as the trainer shards them, and the outputs are replicated: every process holds the
