@@ -69,6 +69,25 @@ def test_batched_fn_extra_arguments_are_traced_not_padded():
     np.testing.assert_array_equal(np.asarray(jax.device_get(b)), x * 3 + 2)
 
 
+def test_batched_fn_compiled_ahead_of_time_runs_without_tracing_again():
+    mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:4])
+    traces = []
+
+    def fn(p, x, scale):
+        traces.append(1)
+        return x * scale + p
+
+    batched = sharding.BatchedFn(fn, np.float32(1), mesh, min_batch=4)
+    batched.compile(np.zeros(1, np.float32), extra=(np.float32(0),))  # the shape of any call of <= 4 rows
+    x = np.arange(3, dtype=np.float32)
+    with jax.transfer_guard("disallow"):
+        out = batched(x, extra=(np.float32(2),))
+    np.testing.assert_array_equal(np.asarray(jax.device_get(out)), x * 2 + 1)
+    assert len(traces) == 1 and batched.jitted._cache_size() == 0  # only the ahead-of-time program ran
+    batched(np.arange(6, dtype=np.float32), extra=(np.float32(2),))  # another shape: jitted as usual
+    assert len(traces) == 2
+
+
 def test_local_mesh_and_config_mesh():
     mesh = sharding.local_mesh()
     assert mesh.axis_names == axes.MESH_AXES and mesh.devices.shape == (jax.local_device_count(), 1, 1)

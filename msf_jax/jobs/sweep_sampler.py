@@ -23,6 +23,7 @@ The decoder (VAE) is not included.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from msf_jax import pipeline, stages
 from msf_jax.diffusion import samplers
@@ -86,18 +87,18 @@ def count_model_calls(process, sampler: str, steps: int, heun_final_step: str = 
 
 
 class SweepSampler:
-    """Samples (indices, labels) under a setting; compiled programs are cached by static key.
+    """Samples (indices, labels) under a setting; one `sharding.BatchedFn` per static key.
 
-    `models`: {"base", "residual"} (MSF) and/or {"dit"}; `decoder`: z -> uint8 (`sample.Decoder`).
-    `traces` counts how many programs were traced (the recompilation counter the tests check).
+    `models`: {"base", "residual"} (MSF) and/or {"dit"}; `decoder`: z -> uint8 (`sample.Decoder`);
+    mesh None = this host's devices. `traces` counts how many programs were traced (the
+    recompilation counter the tests check).
     """
 
     def __init__(self, config, models: dict[str, nnx.Module], factorizer, decoder: Decoder | None = None,
                  mesh: Mesh | None = None):
         self.config = config
         self.factorizer = factorizer
-        self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
-        self.num_devices = self.mesh.devices.size
+        self.mesh = mesh or sharding.local_mesh()
         self.models = models
         self.stages = {name: stages.make_stage(config, name, factorizer) for name in models}
         self.decoder = decoder or Decoder(None, None)
@@ -106,12 +107,12 @@ class SweepSampler:
             self.graphdefs[name], states[name] = nnx.split(model)
         if self.decoder.state is not None:
             states["vae"] = self.decoder.state
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
-        self.states = jax.device_put(states, self.replicated)
-        self.batch_size = -(-int(config.sample.batch_size) // self.num_devices) * self.num_devices
+        # Replicated once here; every program's BatchedFn takes this copy as it is.
+        self.states = jax.device_put(states, sharding.replicated(self.mesh))
+        shards = math.prod(self.mesh.shape[a] for a in sharding.batch_axes(self.mesh))
+        self.batch_size = -(-int(config.sample.batch_size) // shards) * shards  # one batch shape
         self.traces = 0
-        self._programs: dict[tuple, jax.stages.Compiled] = {}
+        self._programs: dict[tuple, sharding.BatchedFn] = {}
         self._flops: dict[tuple, float] = {}
         self._calls: dict[tuple, int] = {}
 
@@ -129,43 +130,43 @@ class SweepSampler:
             cfg.sampler, cfg.num_sampling_steps, cfg.guidance_scale = run.sampler, run.steps, run.guidance
         return dataclasses.replace(stage, config=cfg)
 
-    def _build(self, runs: dict[str, StageRun]):
-        """The jitted program of one static key: (states, labels, keys, guidance, level) -> uint8."""
+    def _build(self, runs: dict[str, StageRun]) -> sharding.BatchedFn:
+        """The program of one static key: (states, labels, indices, guidance, level) -> uint8 images."""
         names = sorted(runs, key=lambda n: self.stages[n].index)  # dit, or base then residual
+        seed = int(self.config.seed)
 
-        def generate(states, labels, keys, guidance, level):
+        def generate(states, labels, indices, guidance, level):
             self.traces += 1  # runs once per trace, i.e. per compilation
             fns = [stages.model_function(nnx.merge(self.graphdefs[n], states[n])) for n in names]
             scales = [guidance[n] if runs[n].static[2] else 1.0 for n in names]
-            z = pipeline.sample([self._run_stage(n, runs[n]) for n in names], fns, labels, keys,
-                                guidance=scales, cond_level=level)
+            z = pipeline.sample([self._run_stage(n, runs[n]) for n in names], fns, labels,
+                                sample_keys(seed, indices), guidance=scales, cond_level=level)
             return self.decoder(states.get("vae"), z)
 
-        return jax.jit(sharding.traced_on(self.mesh, generate), out_shardings=self.batch_sharding)
+        return sharding.BatchedFn(generate, self.states, self.mesh, min_batch=self.batch_size)
 
-    def program(self, runs: dict[str, StageRun]) -> tuple[jax.stages.Compiled, float]:
-        """(compiled program, seconds spent compiling it now: 0 when it was cached)."""
+    def program(self, runs: dict[str, StageRun]) -> tuple[sharding.BatchedFn, float]:
+        """(the setting's program, seconds spent compiling it now: 0 when it was compiled before)."""
         key = tuple(sorted((k, r.static) for k, r in runs.items()))
         if key in self._programs:
             return self._programs[key], 0.0
         for name, run in runs.items():
             self._check_guidance(name, run)
         t0 = time.perf_counter()
-        labels, keys = self._inputs(np.zeros(self.batch_size, np.int64), np.zeros(self.batch_size, np.int32))
-        scalars = self._scalars(runs, 0.0)
-        self._programs[key] = self._build(runs).lower(self.states, labels, keys, *scalars).compile()
-        return self._programs[key], time.perf_counter() - t0
+        fn = self._build(runs)
+        fn.compile(*self._batch(np.zeros(1, np.int64), np.zeros(1, np.int32)), extra=self._scalars(runs, 0.0))
+        self._programs[key] = fn
+        return fn, time.perf_counter() - t0
 
     # -------------------------------------------------------------------------------- sampling
-    def _inputs(self, indices: np.ndarray, labels: np.ndarray):
-        keys = sample_keys(self.config.seed, indices)
-        return (jax.device_put(jnp.asarray(labels, jnp.int32), self.batch_sharding),
-                jax.device_put(keys, self.batch_sharding))
+    @staticmethod
+    def _batch(indices: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, indices) as the program takes them (keys: fold_in(seed, index), as --mode=sample)."""
+        return np.asarray(labels, np.int32), np.asarray(indices, np.uint32)
 
     def _scalars(self, runs: dict[str, StageRun], sample_level: float):
-        guidance = {k: jnp.float32(r.guidance) for k, r in runs.items()}
-        level = jnp.float32(sample_level * stages.COND_NOISE_STEPS)
-        return jax.device_put((guidance, level), self.replicated)
+        guidance = {k: np.float32(r.guidance) for k, r in runs.items()}
+        return guidance, np.float32(sample_level * stages.COND_NOISE_STEPS)
 
     def __call__(self, runs: dict[str, StageRun], sample_level: float, indices: np.ndarray,
                  labels: np.ndarray) -> np.ndarray:
@@ -174,11 +175,8 @@ class SweepSampler:
         scalars = self._scalars(runs, sample_level)
         out = []
         for start in range(0, len(indices), self.batch_size):
-            idx, lab = indices[start:start + self.batch_size], labels[start:start + self.batch_size]
-            n, pad = len(idx), self.batch_size - len(idx)
-            idx = np.concatenate([idx, np.full(pad, idx[-1])]).astype(np.int64)
-            lab = np.concatenate([lab, np.full(pad, lab[-1])]).astype(np.int32)
-            out.append(np.asarray(jax.device_get(program(self.states, *self._inputs(idx, lab), *scalars)))[:n])
+            batch = self._batch(indices[start:start + self.batch_size], labels[start:start + self.batch_size])
+            out.append(np.asarray(jax.device_get(program(*batch, extra=scalars))))
         return np.concatenate(out)
 
     # -------------------------------------------------------------------------------- cost

@@ -180,6 +180,9 @@ class BatchedFn:
     training). Host values (numpy, Python scalars) are put on the mesh replicated; jax arrays are
     passed as they are (e.g. a trainer's FSDP-sharded weights).
 
+    `compile(*xs, extra=...)` compiles ahead of time for the padded shapes of such a call (to time
+    compilation apart from running); later calls with those shapes run that executable.
+
     mesh: a Mesh from `create_mesh` / `make_mesh`; None = `local_mesh()` (this host's devices).
     Attributes: mesh, params (the replicated copy), num_shards, jitted (for lowering / cost analysis).
     """
@@ -196,12 +199,14 @@ class BatchedFn:
         self._replicated = replicated(self.mesh)
         self.params = jax.device_put(params, self._replicated)
         self.jitted = jax.jit(traced_on(self.mesh, fn), out_shardings=self._in if out == "batch" else self._replicated)
+        self._compiled: dict[tuple, Any] = {}  # padded batch shapes -> ahead-of-time compiled executable
 
     def padded_size(self, n: int) -> int:
         """The batch size a call with n rows is padded to."""
         return -(-max(n, self.min_batch, 1) // self.num_shards) * self.num_shards
 
-    def __call__(self, *xs: Any, extra: tuple = ()) -> Any:
+    def _arguments(self, xs: tuple, extra: tuple) -> tuple[int, int, tuple]:
+        """(n, pad, the compiled program's arguments) of a call."""
         n = int(xs[0].shape[0])
         if any(int(x.shape[0]) != n for x in xs):
             raise ValueError(f"BatchedFn: batch arguments of different lengths {[x.shape[0] for x in xs]}")
@@ -210,7 +215,23 @@ class BatchedFn:
             xs = tuple(_pad_rows(x, pad) for x in xs)
         extra = jax.tree.map(lambda v: v if isinstance(v, jax.Array) else jax.device_put(v, self._replicated),
                              tuple(extra))
-        out = self.jitted(self.params, *(jax.device_put(x, self._in) for x in xs), *extra)
+        return n, pad, (self.params, *(jax.device_put(x, self._in) for x in xs), *extra)
+
+    @staticmethod
+    def _shapes(args: tuple) -> tuple:
+        return (jax.tree.structure(args[1:]),) + tuple((a.shape, a.dtype) for a in jax.tree.leaves(args[1:]))
+
+    def compile(self, *xs: Any, extra: tuple = ()) -> Any:
+        """Compiles (ahead of time) the program of a call with these arguments; returns the executable."""
+        _, _, args = self._arguments(xs, extra)
+        key = self._shapes(args)
+        if key not in self._compiled:
+            self._compiled[key] = self.jitted.lower(*args).compile()
+        return self._compiled[key]
+
+    def __call__(self, *xs: Any, extra: tuple = ()) -> Any:
+        n, pad, args = self._arguments(xs, extra)
+        out = self._compiled.get(self._shapes(args), self.jitted)(*args) if self._compiled else self.jitted(*args)
         if not pad:
             return out
         # N rows do not split evenly over the shards: the trimmed result is replicated (explicit, so
