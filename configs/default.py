@@ -7,27 +7,27 @@ Override on the command line: `--config=configs/default.py --config.train.batch_
 
 import ml_collections
 
-from msf_jax.models.dit import config_defaults as dit_config_defaults
-from msf_jax.runtime import axes
+from msf_jax.runtime import axes  # plain names: parsing a config imports neither JAX nor Flax
 
 
 def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "ddpm",
                  num_sampling_steps: int = 250, guidance_scale: float = 1.5) -> ml_collections.ConfigDict:
     """One diffusion stage: its DiT, its noising process and how it is sampled."""
-    dit = dit_config_defaults()  # DiT's own keyword defaults: stated once, in msf_jax/models/dit.py
+    # The DiT fields default to DiT.__init__'s keyword defaults (msf_jax/models/dit.py), written out
+    # here so that a config parses without importing Flax; tests/test_dit.py checks that they agree.
     return ml_collections.ConfigDict(dict(
         model=dict(
             name=model_name,  # a key of msf_jax.models.dit.DIT_CONFIGS, e.g. "DiT-XL/2"
             # Overrides of the registry entry; 0 keeps the registry value.
             depth=0, hidden_size=0, num_heads=0, patch_size=0,
-            mlp_ratio=dit["mlp_ratio"],  # 4.0
-            class_dropout_prob=dit["class_dropout_prob"],  # 0.1; 0 = no null class (no guidance)
-            learn_sigma=dit["learn_sigma"],  # True
+            mlp_ratio=4.0,
+            class_dropout_prob=0.1,  # 0 = no null class (no guidance)
+            learn_sigma=True,
             # Fast paths (same function up to rounding; see msf_jax/models/attention.py and dit.py):
-            attention=dit["attention"],  # "auto" | "einsum" | "xla" | "cudnn" (GPU) | "splash" (TPU)
+            attention="auto",  # "auto" | "einsum" | "xla" | "cudnn" (GPU) | "splash" (TPU)
             # with train.remat: "nothing_saveable" | "dots_saveable" | "dots_with_no_batch_dims_saveable"
-            remat_policy=dit["remat_policy"],
-            stream_dtype=dit["stream_dtype"],  # residual stream: "" = train.compute_dtype | "float32" (bf16 compute)
+            remat_policy="nothing_saveable",
+            stream_dtype="",  # residual stream: "" = train.compute_dtype | "float32" (bf16 compute)
         ),
         process=process,  # "gaussian" (DiT protocol: eps + learned sigma, MSE+VLB) | "flow"
         num_train_timesteps=1000,

@@ -328,7 +328,8 @@ def test_registry_and_flops():
 
 def test_defaults_stated_once():
     """configs/default.py's DiT fields, dit_from_config's fallbacks and DiT's signature agree: a default
-    changed in DiT.__init__ changes everywhere (a literal repeated elsewhere would fail here)."""
+    changed in DiT.__init__ changes everywhere or fails here (the config writes its values out so that
+    it parses without Flax)."""
     import inspect
 
     from configs.default import stage_config

@@ -156,8 +156,9 @@ class DiT(nnx.Module):
                  param_dtype: Any = jnp.float32, remat: bool = False,
                  remat_policy: str = "nothing_saveable", attention: str = "auto",
                  stream_dtype: Any = None, rngs: nnx.Rngs):
-        """The keyword defaults here are the project's only statement of them: `dit_from_config`,
-        configs/default.py and msf_jax.convert read them through `dit_defaults()`.
+        """The keyword defaults here are the project's statement of them: `dit_from_config` and
+        msf_jax.convert read them through `dit_defaults()`; configs/default.py writes the config
+        fields' values out (a config parses without Flax) and tests/test_dit.py checks they agree.
 
         Fast-path switches (numerics equal up to rounding, not architecture): `attention` (one of
         msf_jax.models.attention.ATTENTION_IMPLS), `remat` + `remat_policy` (REMAT_POLICIES), and
@@ -300,7 +301,7 @@ _STREAM_DTYPES = {"": None, **DTYPES}
 
 
 def config_defaults() -> dict[str, Any]:
-    """The CONFIG_FIELDS defaults in config form (configs/default.py declares its fields with these)."""
+    """The CONFIG_FIELDS defaults in config form (configs/default.py's values, checked by tests/test_dit.py)."""
     defaults = dit_defaults()
     out = {field: defaults[field] for field in CONFIG_FIELDS}
     out["stream_dtype"] = next(k for k, v in _STREAM_DTYPES.items() if v is out["stream_dtype"])
