@@ -12,8 +12,10 @@ a gs:// URL; every file is written through `paths`, committed):
   sweep.csv, sweep.json   the table of every setting scored in this workdir (sweep.json also lists
                        the Pareto front)
   frontier.png         quality vs FLOPs per image, the front drawn, MSF and DiT distinguished
-Settings may be added to the grid between runs (the table keeps the earlier ones); everything else (checkpoints, seed, N, metric,
-reference) must stay the same within one workdir (checked).
+Settings may be added to the grid between runs (the table keeps the earlier ones); everything else
+(checkpoints, seed, N, metric, reference, and every sampler field the grid does not set, e.g.
+heun_final_step, ddim_eta, guidance_channels) must stay the same within one workdir: `run_spec.json`,
+checked by `run_spec.check` as for --mode=sample, written once the stages are loaded.
 """
 
 from __future__ import annotations
