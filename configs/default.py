@@ -119,6 +119,11 @@ def get_config() -> ml_collections.ConfigDict:
         b2=0.999,
         grad_clip=0.0,  # global-norm clipping; 0 disables
         ema_decay=0.9999,
+        # Start from pretrained weights (fresh starts only; a resumed run ignores it): a converted DiT
+        # (`python -m msf_jax.convert dit ... out.safetensors`) or another workdir (its EMA weights),
+        # any stage from any stage. Grid, conditioning channels, labels and learned sigma are adapted
+        # (msf_jax/jobs/init_from.py); width/depth/heads/patch must match. "" = random init.
+        init_from="",
         compute_dtype="float32",  # "bfloat16" for bf16 compute with fp32 params
         remat=False,
         log_every=100,

@@ -24,7 +24,7 @@ from msf_jax import stages, train_step
 from msf_jax.data import input_pipeline
 from msf_jax.data.order import ORDER_VERSION
 from msf_jax.factorize import Factorizer, FactorStats
-from msf_jax.jobs import train_report
+from msf_jax.jobs import init_from, train_report
 from msf_jax.models.dit import dit_flops_per_example
 from msf_jax.runtime import checkpoint as ckpt_lib
 from msf_jax.runtime import distributed, sharding
@@ -173,6 +173,9 @@ def _train(config, workdir: str, progress: Progress, writer) -> dict[str, Any]:
     else:
         progress.phase("initializing")
         state = trainer.init_state()
+        if tc.init_from:  # a fresh start only: a resumed run restores its own checkpoint above
+            progress.phase("loading pretrained weights")
+            state = init_from.initialize(config, trainer, state)
     step = int(state["step"])
     progress.start_at(step)
     progress.phase("opening the data")

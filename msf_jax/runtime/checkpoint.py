@@ -194,6 +194,22 @@ def restore_state_items(workdir: str, abstract_items: dict[str, Any], config_dic
     return step, dict(restored)
 
 
+def saved_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
+    """(step, config dict) of a run's latest (or given) checkpoint, reading no array: which model
+    another run trained (e.g. to start from its weights, msf_jax.jobs.init_from)."""
+    directory = paths.join(paths.abspath(workdir), "checkpoints")
+    if not paths.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {directory}")
+    manager = _read_only_manager(directory)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        return step, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    finally:
+        manager.close()
+
+
 def config_to_dict(config) -> dict:
     """A JSON-safe dict of an ml_collections config (tuples become lists)."""
     return json.loads(config.to_json())
