@@ -172,7 +172,7 @@ def adapt_params(src_params: Mapping[str, np.ndarray], src_cfg: Mapping[str, Any
     for k, v in out.items():
         if v.shape != fresh[k].shape:  # a bug of this function, not of the user's weights
             raise AssertionError(f"init_from: {k} adapted to {v.shape}, the stage's is {fresh[k].shape}")
-        out[k] = v.astype(fresh[k].dtype)
+        out[k] = v.astype(fresh[k].dtype, copy=False)
     return out, notes
 
 
