@@ -64,13 +64,13 @@ def load_pretrained(source: str) -> tuple[dict[str, np.ndarray], dict[str, Any],
     `source`: a converted `.safetensors` file, or a training workdir (the EMA weights of its latest
     checkpoint, read with the stage and model config that run saved).
     """
-    from msf_jax.jobs import sample  # load_stage_model: the one reader of a stage's EMA weights
-
     if source.endswith(".safetensors"):
         from msf_jax.convert.dit import load_dit
 
         model, what = load_dit(source), "converted DiT"
     else:
+        from msf_jax.jobs import sample  # load_stage_model: the one reader of a stage's EMA weights
+
         step, saved = ckpt_lib.saved_config(source)
         saved_config = ml_collections.ConfigDict(saved)
         stage = stages.make_stage(saved_config, saved_config.stage)
