@@ -384,3 +384,65 @@ def test_global_order_is_the_same_on_any_host_count_and_resumes_from_a_position(
         for a, b in zip(one, stream(hosts)):
             np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(stream(2, start=16, steps=1)[0], one[2])  # resumed after 2 steps, 2 hosts
+
+
+def _marked_batches(bad: set, hosts: int, *, num_examples=16, global_batch=8, steps=3, start=0):
+    """Global batches of a source whose records are their own index (`bad` ones are skipped), read by
+    `hosts` hosts: (steps, global_batch) indices, and each host's skip counts."""
+    from msf_jax.data.iterators import build_iterator
+
+    def example_fn(record, rng):
+        del rng
+        return {"index": np.int64(record), "reason": 1 if record in bad else 0}
+
+    its = [build_iterator(list(range(num_examples)), example_fn, batch_size=global_batch // hosts, seed=5,
+                          process_index=h, process_count=hosts, start=start, postprocess=lambda b: b)
+           for h in range(hosts)]
+    batches = [np.concatenate([next(it)["index"] for it in its]) for _ in range(steps)]
+    return np.stack(batches), [ip.skip_stats(it)["skipped_total"] for it in its]
+
+
+def test_skipped_examples_are_replaced_by_global_position_on_any_host_count():
+    """A skipped example is replaced by the next kept one of its global batch (cyclically), whatever the
+    host count; a host whose whole slice is skipped still gets a full batch (from the other slices)."""
+    from msf_jax.data.order import GlobalOrder
+
+    order = GlobalOrder(16, 5)
+    host1_of_4 = set(int(i) for i in order.indices(np.arange(2, 4)))  # its whole slice of global batch 0
+    bad = host1_of_4 | {int(order.indices(np.array([7]))[0])}  # and the batch's last position
+    one, skips_one = _marked_batches(bad, 1)
+    for hosts in (2, 4):
+        many, skips = _marked_batches(bad, hosts)
+        np.testing.assert_array_equal(many, one)
+        assert sum(skips) == sum(skips_one)
+    expected = order.indices(np.arange(24)).reshape(3, 8)
+    b0 = expected[0].copy()
+    b0[2] = b0[3] = expected[0, 4]  # the next kept position after 2 and 3 is 4
+    b0[7] = expected[0, 0]  # after the last position: cyclically, the batch's first
+    np.testing.assert_array_equal(one[0], b0)
+    assert not set(one.ravel()) & bad
+
+
+def test_an_unusable_global_batch_fails_on_every_host_at_the_same_step():
+    """Each host decides from its whole global batch: all hosts raise at the same step, so none is left
+    waiting in a collective for one that failed."""
+    from msf_jax.data.order import GlobalOrder, NoUsableExamplesError
+
+    order = GlobalOrder(16, 5)
+    bad = set(int(i) for i in order.indices(np.arange(8, 16)))  # every example of global batch 1
+    for hosts in (1, 2, 4):
+        messages = []
+        for h in range(hosts):
+            from msf_jax.data.iterators import build_iterator
+
+            def example_fn(record, rng):
+                del rng
+                return {"index": np.int64(record), "reason": 1 if record in bad else 0}
+
+            it = build_iterator(list(range(16)), example_fn, batch_size=8 // hosts, seed=5, process_index=h,
+                                process_count=hosts, postprocess=lambda b: b)
+            next(it)  # global batch 0 is fine everywhere
+            with pytest.raises(NoUsableExamplesError) as e:
+                next(it)
+            messages.append(str(e.value))
+        assert len(set(messages)) == 1 and "positions 8..15" in messages[0], messages

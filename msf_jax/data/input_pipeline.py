@@ -13,11 +13,12 @@ pipeline at `start` = the examples it consumed, on any number of hosts.
 Pipeline, per host:
 
     global order -> this host's positions of batch s -> read + decode (ADM center crop, flip) each
-      -> replace skipped examples by kept ones of the batch, count skips    (grain threads / workers)
+      -> replace skipped examples by the next kept ones of the global batch, count skips    (threads / workers)
       -> accumulate skip counts, uint8 -> [-1, 1]    (main process: `TrainIterator`)
 
-Skipped examples (corrupt, truncated, too small: see `msf_jax.data.images`) are replaced within their
-batch, so every batch is full and still a function of its positions. Their counts travel inside each
+Skipped examples (corrupt, truncated, too small: see `msf_jax.data.images`) are replaced by the next
+kept example of their global batch (`data.order.read_batch`), so every batch is full and still a
+function of its global positions, on any host count. Their counts travel inside each
 batch and are summed in the main process (`data.iterators`), exact also with worker processes. Read
 them with `iterator.skip_counter` (a `SkipCounter`: `.skipped` {reason: n}, `.as_dict()` for metric
 writers) or `skip_stats(iterator)`.

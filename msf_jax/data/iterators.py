@@ -97,12 +97,12 @@ def build_iterator(source, example_fn: Callable[[Any, np.random.Generator], dict
     Batch s of this host holds its slice of global batch s after global position `start` (the
     examples a resumed run has consumed). `example_fn(record, rng)` must be picklable and return a
     dict of numpy arrays plus 'reason' (0 = keep, else an index into SKIP_REASONS); a skipped example
-    is replaced by a kept one of the same batch, and `postprocess` (main process) maps the stacked
-    batch to what training sees.
+    is replaced by the next kept one of its global batch (`order.read_batch`), and `postprocess`
+    (main process) maps the stacked batch to what training sees.
     """
     ds = order.HostBatches(len(source), seed=seed, global_batch_size=batch_size * process_count,
                            process_index=process_index, process_count=process_count, start=start)
     ds = ds.map(functools.partial(order.read_batch, source=source, example_fn=example_fn, seed=seed,
-                                  reason_names=SKIP_REASONS))
+                                  reason_names=SKIP_REASONS, order=ds.order))
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(4, read_threads)))
     return finish(ds, num_workers, postprocess, ignored_files)

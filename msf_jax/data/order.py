@@ -4,6 +4,10 @@ Global position p (0, 1, 2, ... over the whole run) is example `permutation_e[p 
 e = p // N, where `permutation_e` is a seeded permutation of the N examples, fresh every epoch.
 Global batch s holds positions [s*B, (s+1)*B); host h of H takes the contiguous slice
 [s*B + h*B/H, s*B + (h+1)*B/H). Per-example randomness (flips, crops) is seeded by (seed, position).
+A skipped example (undecodable, too small, ...) at position p is replaced by the first kept one after p,
+cyclically within p's global batch (`replacement`): a function of the global positions only, so also
+the replacements do not depend on the host count, and a global batch with no usable example fails
+on every host at the same step (each host sees the whole batch's verdict, no host waits in a collective).
 
 So the only data state of a run is how many examples it has consumed (step * B): a checkpoint
 written on H hosts resumes on H' hosts (or another mesh, or another number of grain workers) with
@@ -22,7 +26,8 @@ class NoUsableExamplesError(ValueError):
     """Every example of a batch was skipped: the data cannot make a batch (one line at the entry point)."""
 
 
-ORDER_VERSION = "global-permutation-v1"  # recorded in checkpoints; change it when the order changes
+ORDER_VERSION = "global-permutation-v2"  # recorded in checkpoints; change it when the order changes
+# (v2: a skipped example is replaced by the next kept one of its global batch, was: of the host's slice)
 
 
 class GlobalOrder:
@@ -97,7 +102,13 @@ class HostBatches(grain.MapDataset):
         if isinstance(step, slice):
             return self.slice(step)
         positions = host_positions(int(step), **self._kw)
-        return {"position": positions, "index": self._order.indices(positions)}
+        first = self._kw["start"] + int(step) * self._kw["global_batch_size"]  # of the global batch
+        return {"position": positions, "index": self._order.indices(positions), "batch_first": np.int64(first),
+                "batch_size": np.int64(self._kw["global_batch_size"])}
+
+    @property
+    def order(self) -> GlobalOrder:
+        return self._order
 
     def __str__(self) -> str:
         return f"HostBatches({self._kw})"
@@ -108,34 +119,56 @@ def flips(seed: int, positions: np.ndarray) -> np.ndarray:
     return np.array([example_rng(seed, p).random() < 0.5 for p in positions], bool)
 
 
-def read_batch(element: dict[str, np.ndarray], *, source, example_fn, seed: int,
-               reason_names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """One host batch: example_fn(source[index], example_rng(seed, position)) for each position.
+def replacement_order(position: int, batch_first: int, batch_size: int) -> np.ndarray:
+    """The positions tried, in order, for a skipped example at `position`: the later ones of its global
+    batch [batch_first, batch_first + batch_size), then the earlier ones (cyclically; never itself)."""
+    offset = int(position) - int(batch_first)
+    return int(batch_first) + (offset + 1 + np.arange(int(batch_size) - 1, dtype=np.int64)) % int(batch_size)
 
-    `example_fn` returns a dict of arrays plus 'reason' (0 = keep). A skipped example is replaced by a
-    kept one of the same batch (cyclically), so the batch stays full and remains a pure function of its
-    positions; 'skip_counts' (len(reason_names),) counts the examples read by reason (0 = kept).
+
+def read_batch(element: dict[str, np.ndarray], *, source, example_fn, seed: int, reason_names: tuple[str, ...],
+               order: GlobalOrder) -> dict[str, np.ndarray]:
+    """One host batch (an element of HostBatches over `order`): example_fn(source[index],
+    example_rng(seed, position)) for each position.
+
+    `example_fn` returns a dict of arrays plus 'reason' (0 = keep). A skipped example is replaced by the
+    first kept example after it in its global batch (`replacement_order`), read here also when it lies
+    in another host's slice, so the batch stays full and every global batch is the same on any host count.
+    A global batch without any usable example raises NoUsableExamplesError on every host (each reads
+    the whole batch then). 'skip_counts' (len(reason_names),) counts this host's own positions by reason
+    (0 = kept), so the hosts' counts add up to the global ones.
     """
-    examples, reasons = [], []
-    for position, index in zip(element["position"], element["index"]):
-        example = dict(example_fn(source[int(index)], example_rng(seed, position)))
-        reasons.append(int(example.pop("reason")))
-        examples.append(example)
-    kept = [e for e, r in zip(examples, reasons) if r == 0]
-    if not kept:
-        first, last = int(element["position"][0]), int(element["position"][-1])
-        counts = np.bincount(np.asarray(reasons), minlength=len(reason_names))
-        why = ", ".join(f"{n} {reason_names[r]}" for r, n in enumerate(counts) if n)
-        raise NoUsableExamplesError(
-            f"no usable examples: all {len(reasons)} examples at global positions {first}..{last} were skipped "
-            f"({why}); is the dataset readable, and are the images large enough (data.min_image_side)?")
-    filled, j = [], 0
-    for e, r in zip(examples, reasons):
-        if r == 0:
-            filled.append(e)
+    cache: dict[int, tuple[dict, int]] = {}
+
+    def read(position: int, index: int | None = None) -> tuple[dict, int]:
+        if position not in cache:
+            if index is None:
+                index = int(order.indices(np.array([position]))[0])
+            example = dict(example_fn(source[int(index)], example_rng(seed, position)))
+            cache[position] = example, int(example.pop("reason"))
+        return cache[position]
+
+    own = [read(int(p), int(i)) for p, i in zip(element["position"], element["index"])]
+    reasons = [r for _, r in own]
+    filled = []
+    for position, (example, reason) in zip(element["position"], own):
+        if reason == 0:
+            filled.append(example)
+            continue
+        for candidate in replacement_order(int(position), int(element["batch_first"]), int(element["batch_size"])):
+            substitute, candidate_reason = read(int(candidate))
+            if candidate_reason == 0:
+                filled.append(substitute)
+                break
         else:
-            filled.append(kept[j % len(kept)])
-            j += 1
+            first = int(element["batch_first"])
+            last = first + int(element["batch_size"]) - 1
+            counts = np.bincount([r for _, r in cache.values()], minlength=len(reason_names))
+            why = ", ".join(f"{n} {reason_names[r]}" for r, n in enumerate(counts) if n)
+            raise NoUsableExamplesError(
+                f"no usable examples: all {len(cache)} examples of the global batch at positions {first}..{last} "
+                f"were skipped ({why}); is the dataset readable, and are the images large enough "
+                "(data.min_image_side)?")
     batch = {k: np.stack([e[k] for e in filled]) for k in filled[0]}
     batch["skip_counts"] = np.bincount(np.asarray(reasons), minlength=len(reason_names)).astype(np.int64)
     return batch
