@@ -113,3 +113,35 @@ def test_rules_come_from_the_config():
     config.mesh.rules = (("embed",),)
     with pytest.raises(ValueError, match="each rule"):
         sharding.logical_rules(config)
+
+
+def test_a_mesh_that_does_not_fit_the_topology_warns_naming_it(monkeypatch):
+    """No silent fallback: when JAX cannot map the shape onto the topology (also splitting physical
+    axes), the plain-order mesh comes with a warning that names the shape and the topology."""
+    from jax.experimental import mesh_utils
+
+    tried, warnings = [], []
+
+    def unmappable(shape, devices, **kwargs):
+        tried.append(kwargs)
+        raise NotImplementedError("no mapping of this shape onto the torus")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", unmappable)
+    from absl import logging
+    monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
+    mesh = sharding.make_mesh((2, 4, 1))
+    assert mesh.devices.shape == (2, 4, 1) and list(mesh.devices.flat) == jax.devices()
+    assert tried == [{}, {"allow_split_physical_axes": True}]
+    assert len(warnings) == 1 and "(2, 4, 1)" in warnings[0] and "8 x cpu" in warnings[0].lower(), warnings
+    assert "no mapping of this shape" in warnings[0]
+
+
+def test_describe_topology_names_the_physical_extent():
+    class Chip:
+        device_kind = "TPU v5p"
+
+        def __init__(self, x, y, z):
+            self.coords, self.core_on_chip = (x, y, z), 0
+
+    chips = [Chip(x, y, z) for x in range(2) for y in range(2) for z in range(4)]
+    assert sharding.describe_topology(chips) == "16 x TPU v5p, physical 2x2x4"

@@ -59,11 +59,39 @@ def make_mesh(shape: Sequence[int], *, num_slices: int = 1, devices: Sequence[ja
         per_slice = (shape[0] // num_slices,) + shape[1:]
         device_array = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1), devices)
     else:
-        try:
-            device_array = mesh_utils.create_device_mesh(shape, devices)
-        except (ValueError, NotImplementedError, AssertionError):
-            device_array = np.asarray(devices).reshape(shape)  # e.g. simulated CPU devices
+        device_array = _device_mesh(shape, devices)
     return Mesh(device_array, axes.MESH_AXES)
+
+
+def _device_mesh(shape: tuple[int, ...], devices: list) -> np.ndarray:
+    """JAX's topology-aware placement (CPU / GPU: device order); on a TPU topology it cannot map, also
+    splitting physical axes, and else device order with a warning that names the topology (the mesh
+    still works, but its collectives may cross more links than they need to)."""
+    errors = []
+    for kwargs in ({}, {"allow_split_physical_axes": True}):
+        try:
+            return mesh_utils.create_device_mesh(shape, devices, **kwargs)
+        except (ValueError, NotImplementedError, AssertionError) as e:
+            errors.append(e)
+    from absl import logging  # pylint: disable=g-import-not-at-top
+
+    logging.warning("mesh %s (data, fsdp, tensor) does not fit the device topology %s (%s); the devices are "
+                    "laid out in plain order, so collectives may be slow: choose config.mesh.shape to match the "
+                    "topology", tuple(shape), describe_topology(devices), errors[-1])
+    return np.asarray(devices).reshape(shape)
+
+
+def describe_topology(devices: Sequence[jax.Device]) -> str:
+    """E.g. '16 x TPU v5p, physical 2x2x4' (the extent of the devices' coords where they have them)."""
+    text = f"{len(devices)} x {getattr(devices[0], 'device_kind', '?')}"
+    coords = [getattr(d, "coords", None) for d in devices]
+    if all(c is not None for c in coords) and coords:
+        extent = np.max(np.asarray(coords), axis=0) - np.min(np.asarray(coords), axis=0) + 1
+        text += ", physical " + "x".join(str(int(n)) for n in extent)
+        cores = {getattr(d, "core_on_chip", 0) for d in devices}
+        if len(cores) > 1:
+            text += f" x {len(cores)} cores per chip"
+    return text
 
 
 def logical_rules(config) -> tuple[tuple[str, Any], ...]:
