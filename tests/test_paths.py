@@ -163,3 +163,29 @@ def test_benchmark_json_to_gs(fake_gcs, tmp_path, monkeypatch):
     assert not (tmp_path / "gs:").exists()
     _write_json("", {"a": 1})
     assert sorted(os.listdir(tmp_path)) == ["gcs"]
+
+
+def test_sample_grid_summary_and_converted_weights_read_from_gs(fake_gcs, monkeypatch):
+    """TensorBoard's copy of a sample grid and eval.inception_weights are read through the path layer
+    (before: the built-in open and os.path.exists, which refused every gs:// path)."""
+    from msf_jax.convert import common, inception
+    from msf_jax.jobs import evaluate, train_report
+    from msf_jax.models import inception as inception_model
+
+    root, seen = fake_gcs
+    grid = np.random.default_rng(0).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    path = outputs.save_png("gs://bucket/run/grids/base_step0000002.png", grid)
+    np.testing.assert_array_equal(train_report.image_summary(path), grid[None])
+
+    common.save_params(str(root / "bucket" / "inception.safetensors"), {"w": np.arange(3.0)}, {"family": "x"})
+    params, config = common.load_params("gs://bucket/inception.safetensors")
+    np.testing.assert_array_equal(params["w"], np.arange(3.0))
+    assert config == {"family": "x"}
+    loaded = []
+    monkeypatch.setattr(inception, "load_inception", lambda p: loaded.append(p) or "model")
+    monkeypatch.setattr(inception_model, "make_feature_fn", lambda model, mesh=None: model)
+    assert evaluate._inception_feature_fn("gs://bucket/inception.safetensors") == "model"
+    assert loaded == ["gs://bucket/inception.safetensors"]
+    with pytest.raises(evaluate.EvaluationError, match="no such Inception weights"):
+        evaluate._inception_feature_fn("gs://bucket/missing.safetensors")
+    assert not os.path.exists("gs:") and "gs://bucket/inception.safetensors" in seen

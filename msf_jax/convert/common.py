@@ -138,17 +138,32 @@ def save_params(path: str, params: Mapping[str, Any], config: Mapping[str, Any])
 
 
 def load_params(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Reads a file written by `save_params`: (nested params, model config)."""
+    """Reads a file written by `save_params` (local or gs://…): (nested params, model config)."""
+    from msf_jax.runtime import paths
+
+    if not paths.exists(path):
+        raise ConversionError(f"{path}: no such converted-weights file")
+    if not paths.is_remote(path):
+        return _load_local_params(path, path)
+    import shutil
+    import tempfile
+
+    local_dir = tempfile.mkdtemp(prefix="msf_jax_weights_")  # safetensors reads local files only
+    try:
+        return _load_local_params(paths.copy_to_local(path, local_dir), path)
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+def _load_local_params(local: str, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    if not os.path.exists(path):
-        raise ConversionError(f"{path}: no such converted-weights file")
-    with safe_open(path, framework="numpy") as f:
+    with safe_open(local, framework="numpy") as f:
         meta = f.metadata() or {}
     if "msf_jax_config" not in meta:
-        raise ConversionError(f"{path}: not written by msf_jax.convert (no model config in metadata)")
-    return unflatten(load_file(path)), json.loads(meta["msf_jax_config"])
+        raise ConversionError(f"{name}: not written by msf_jax.convert (no model config in metadata)")
+    return unflatten(load_file(local)), json.loads(meta["msf_jax_config"])
 
 
 def state_shapes(model, filters: Any = None) -> dict[str, tuple[int, ...]]:

@@ -9,7 +9,6 @@ The metrics' public names are re-exported here (`evaluate.FeatureStats`, `evalua
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ def inception_feature_fn(inception_weights: str | None, mesh=None):
     if not inception_weights:
         raise EvaluationError("metric 'fid' needs --inception_weights (convert pytorch-fid's "
                               "pt_inception-2015-12-05-6726825d.pth with `python -m msf_jax.convert inception`)")
-    if not os.path.exists(inception_weights):
+    if not paths.exists(inception_weights):  # local or gs://…
         raise EvaluationError(f"{inception_weights}: no such Inception weights file")
     from msf_jax.convert.inception import load_inception
     from msf_jax.models.inception import make_feature_fn

@@ -103,10 +103,12 @@ class Profiler:
 
 
 def image_summary(png_path: str) -> np.ndarray:
-    """A written PNG grid as a (1,H,W,3) uint8 batch for `writer.write_images`."""
+    """A written PNG grid (local or gs://…) as a (1,H,W,3) uint8 batch for `writer.write_images`."""
     from PIL import Image
 
-    with open(png_path, "rb") as f:
+    from msf_jax.runtime import paths
+
+    with paths.open(png_path, "rb") as f:
         image = np.asarray(Image.open(f).convert("RGB"))
     return image[None]
 
