@@ -192,5 +192,8 @@ def get_config() -> ml_collections.ConfigDict:
         # maxdiffusion): "" | "tpu_v5e" | "tpu_v5p" | "tpu_v6e" | "gpu". Appended to LIBTPU_INIT_ARGS /
         # XLA_FLAGS; a flag you set there yourself wins. The launchers' --xla-preset sets this.
         xla_flags_preset="",
+        # Multi-host: a host silent this long (died, lost its VM, hangs) counts as lost; the others then
+        # exit with one line naming it and status 42 (rerun: training resumes from its last checkpoint).
+        heartbeat_timeout_s=100.0,
     ))
     return config

@@ -55,6 +55,9 @@ def _run_mode(mode: str, config, workdir: str) -> None:
         logging.info("Stopped at step %d (%s)", summary["step"],
                      "preempted" if summary["preempted"] else "done")
         if summary["preempted"]:
+            from msf_jax.runtime import distributed
+
+            distributed.finished()  # a clean stop: peers do not count this process as lost when it exits
             sys.exit(PREEMPTED_EXIT_CODE)  # checkpointed, not finished: launchers restart on this code
     elif mode == "sample":
         from msf_jax.jobs import sample
@@ -112,8 +115,10 @@ def main(argv) -> None:
         xla_flags.apply(xla_flags.preset_of(config))  # before the backend starts (distributed, below)
         from msf_jax.runtime import distributed
 
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)  # every mode
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,  # every mode
+                               heartbeat_timeout_s=distributed.heartbeat_timeout_of(config))
         _run_mode(_MODE.value, config, workdir)
+        distributed.finished()  # from here on, peers do not count this process as lost when it exits
     except EXPECTED_ERRORS as e:
         if not is_expected_error(e) or os.environ.get("MSF_JAX_TRACEBACK"):
             raise  # a bug keeps its traceback (MSF_JAX_TRACEBACK=1 shows it for expected ones too)

@@ -63,3 +63,83 @@ def test_openmpi():
 def test_initialize_on_one_host_logs_the_topology():
     line = distributed.log_topology()
     assert "process 0 of 1" in line and "global devices" in line and "platform cpu" in line
+
+
+def test_coordinator_address_alone_defers_to_jax_detection():
+    """Some launchers export only JAX_COORDINATOR_ADDRESS: JAX's cluster detection finds the rest."""
+    p = distributed.plan(environ={"JAX_COORDINATOR_ADDRESS": "h:9"})
+    assert p.how == "auto:coordinator_address" and p.kwargs == {"coordinator_address": "h:9"}
+    p = distributed.plan("h:9", environ={})  # the flag alone, too
+    assert p.multi and p.kwargs == {"coordinator_address": "h:9"}
+    p = distributed.plan(environ=dict(SLURM, JAX_COORDINATOR_ADDRESS="h:9"))  # SLURM gives count and index
+    assert p.how == "slurm" and p.kwargs["coordinator_address"] == "h:9" and p.kwargs["process_id"] == 1
+    with pytest.raises(ValueError, match="missing: process_id"):  # a partial explicit start stays an error
+        distributed.plan(environ={"JAX_COORDINATOR_ADDRESS": "h:9", "JAX_NUM_PROCESSES": "2"})
+
+
+def test_config_sets_the_heartbeat_timeout():
+    from tests.tiny import tiny_config
+
+    config = tiny_config()
+    assert distributed.heartbeat_timeout_of(config) == 100.0
+    config.runtime.heartbeat_timeout_s = 10
+    assert distributed.heartbeat_timeout_of(config) == 10.0
+    assert distributed.jax_heartbeat_timeout(10) > 10  # JAX's own abort comes after the watchdog's line
+
+
+class _Store:
+    """The coordination service's key-value store as the watchdog uses it (`down`: unreachable)."""
+
+    def __init__(self):
+        self.kv, self.down = {}, False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE")
+        self.kv[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE")
+        return [(k, v) for k, v in self.kv.items() if k.startswith(prefix)]
+
+
+def _watchdogs(store, clock, n=3):
+    return [distributed.PeerWatchdog(store, p, n, 10.0, clock=lambda: clock[0], on_lost=lambda line: None)
+            for p in range(n)]
+
+
+def test_watchdog_names_a_silent_process_after_the_timeout():
+    store, clock = _Store(), [0.0]
+    dogs = _watchdogs(store, clock)
+    for t in range(0, 30, 2):  # process 2 beats last at t = 8; 0 and 1 (beating first) see it at t = 10
+        clock[0] = float(t)
+        for p, dog in enumerate(dogs):
+            if p != 2 or t < 10:
+                dog.beat()
+        lines = [dog.check() for dog in dogs[:2]]
+        if t <= 20:
+            assert lines == [None, None], (t, lines)
+        else:
+            assert all(l and "lost process 2 of 3 on host" in l and "no heartbeat for" in l and
+                       "rerun the same command" in l for l in lines), lines
+            break
+    else:
+        raise AssertionError("never detected")
+
+
+def test_watchdog_ignores_a_finished_process_and_names_an_unreachable_coordinator():
+    store, clock = _Store(), [0.0]
+    dogs = _watchdogs(store, clock)
+    for dog in dogs:
+        dog.beat()
+    dogs[2].finish()  # done: stops beating when it exits, and is not lost for that
+    for t in range(2, 40, 2):
+        clock[0] = float(t)
+        dogs[0].beat(), dogs[1].beat()
+    assert dogs[0].check() is None and dogs[1].check() is None
+    store.down = True  # process 0 (and the service with it) is gone
+    clock[0] = 52.0
+    dogs[1].beat()
+    line = dogs[1].check()
+    assert line and "lost the coordination service (process 0 of 3" in line, line

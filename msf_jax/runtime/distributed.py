@@ -2,7 +2,9 @@
 
 Where the processes come from, in order:
   1. explicit: `--coordinator_address/--num_processes/--process_id` (main.py flags), else the
-     environment `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`;
+     environment `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`; the address
+     alone (some launchers export only that) leaves the process count and index to JAX's cluster
+     detection (SLURM and Open MPI as in 3.);
   2. Cloud TPU VMs (pods, multislice / queued resources, GKE): JAX reads the hosts from the TPU
      metadata itself (no environment variable is set there), so we call `jax.distributed.initialize()`
      with no arguments whenever JAX's own cluster detection finds a TPU pod;
@@ -12,17 +14,32 @@ Where the processes come from, in order:
      tasks per node (one per GPU) JAX's default (GPU = local rank) is kept;
   4. nothing of the above, or a single process: a no-op.
 Every host then logs one line: process i of n, local and global devices, platform.
+
+A host that dies (SIGKILL, a lost VM) would leave the others blocked in a collective until JAX's
+coordination service aborts them with a native stack dump. A watchdog (`PeerWatchdog`) on every host
+beats through the coordination service's key-value store; when a peer has not beaten for
+`config.runtime.heartbeat_timeout_s`, each survivor writes ONE line naming the lost process and exits
+with LOST_HOST_EXIT_CODE (42: rerun the same command, training resumes from its last checkpoint).
+JAX's own heartbeat timeout is set a little longer, as a backstop.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import socket
+import sys
+import threading
+import time
 
 import jax
 from absl import logging
 
 ENV_ADDRESS, ENV_NUM, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+# Survivors of a lost host exit with this status: not finished, rerun to resume from the last checkpoint.
+# The same as main.PREEMPTED_EXIT_CODE, what launchers (xpk/JobSet, tpu_pod.sh's watch) restart on.
+LOST_HOST_EXIT_CODE = 42
+DEFAULT_HEARTBEAT_TIMEOUT_S = 100.0  # JAX's own default heartbeat timeout
 _state: dict = {}
 
 
@@ -67,6 +84,15 @@ def plan(coordinator_address: str | None = None, num_processes: int | None = Non
     address = coordinator_address or environ.get(ENV_ADDRESS) or None
     num = num_processes if num_processes is not None else _int_env(ENV_NUM, environ)
     pid = process_id if process_id is not None else _int_env(ENV_ID, environ)
+    if address and num is None and pid is None:
+        # Only the coordinator's address (some launchers export just JAX_COORDINATOR_ADDRESS): the
+        # process count and index come from the cluster, as JAX's own detection finds them.
+        if "SLURM_JOB_ID" in environ or "OMPI_COMM_WORLD_SIZE" in environ:
+            cluster = _slurm_plan(environ) if "SLURM_JOB_ID" in environ else _openmpi_plan(environ)
+            if not cluster.multi:
+                return cluster
+            return Plan(cluster.how, dict(cluster.kwargs, coordinator_address=address))
+        return Plan("auto:coordinator_address", dict(coordinator_address=address))
     if address or num is not None or pid is not None:
         missing = [n for n, v in (("coordinator_address", address), ("num_processes", num),
                                   ("process_id", pid)) if v is None]
@@ -142,19 +168,181 @@ def _openmpi_plan(environ) -> Plan:
     return Plan("openmpi", kwargs)
 
 
+def heartbeat_timeout_of(config) -> float:
+    """config.runtime.heartbeat_timeout_s (the default where a config has none)."""
+    runtime = config.get("runtime") if hasattr(config, "get") else None
+    value = runtime.get("heartbeat_timeout_s") if runtime is not None else None
+    return float(value) if value else DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
+def jax_heartbeat_timeout(timeout_s: float) -> int:
+    """JAX's own heartbeat timeout: later than the watchdog's verdict (which names the lost host), a
+    backstop should the watchdog not run."""
+    return int(timeout_s * 1.5) + 5
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> Plan:
-    """Joins the multi-process run (idempotent; a no-op on one host). Call before any JAX computation."""
+               process_id: int | None = None, heartbeat_timeout_s: float | None = None) -> Plan:
+    """Joins the multi-process run (idempotent; a no-op on one host). Call before any JAX computation.
+
+    heartbeat_timeout_s: a host silent this long counts as lost (see `PeerWatchdog`); default 100 s.
+    """
     if "plan" in _state:
         return _state["plan"]
     p = plan(coordinator_address, num_processes, process_id)
+    timeout = float(heartbeat_timeout_s or DEFAULT_HEARTBEAT_TIMEOUT_S)
     if p.multi and not jax.distributed.is_initialized():
         # CPU devices of several processes talk through gloo (tests, CPU clusters); no effect elsewhere.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(**p.kwargs)  # auto:* plans: JAX reads the TPU metadata itself
+        try:  # auto:* plans: JAX reads the TPU metadata (or the cluster's environment) itself
+            jax.distributed.initialize(**p.kwargs, heartbeat_timeout_seconds=jax_heartbeat_timeout(timeout))
+        except ValueError as e:
+            if p.how != "auto:coordinator_address":
+                raise
+            raise ValueError(f"coordinator address {p.kwargs['coordinator_address']!r} given alone, and JAX's "
+                             f"cluster detection did not find the process count and index ({e}): also give "
+                             f"--num_processes and --process_id (or {ENV_NUM} and {ENV_ID})") from None
     _state["plan"] = p
+    if p.multi:
+        client = _jax_client()
+        if client is not None:
+            _state["watchdog"] = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout).start()
     log_topology(p.how)
     return p
+
+
+def _jax_client():
+    try:
+        from jax._src import distributed as jax_distributed  # the client jax.distributed.initialize made
+
+        return jax_distributed.global_state.client
+    except (ImportError, AttributeError):  # pragma: no cover - a JAX without it: no watchdog
+        return None
+
+
+def finished() -> None:
+    """This process has finished its work: peers will not count it as lost once it stops beating."""
+    watchdog = _state.get("watchdog")
+    if watchdog is not None:
+        watchdog.finish()
+
+
+class PeerWatchdog:
+    """Beats through the coordination service's key-value store and watches the other processes' beats.
+
+    Every `interval` s each process writes a counter under `msf_jax/alive/<process>` and reads all of
+    them. A process whose counter has not moved for `timeout_s` (or the coordination service itself,
+    when this process cannot reach it for that long) is lost: `on_lost(line)` runs once; by default
+    it writes the line to stderr and ends this process with LOST_HOST_EXIT_CODE (`os._exit`: the main
+    thread may be blocked in a collective that will never complete). A process that called `finish()`
+    is never lost. Python threads: the main thread only has to release the GIL now and then, which a
+    blocked collective, a compile and ordinary Python all do.
+    """
+
+    PREFIX = "msf_jax/alive/"
+
+    def __init__(self, client, process_id: int, process_count: int, timeout_s: float, *, on_lost=None,
+                 interval_s: float | None = None, clock=time.monotonic):
+        self.client, self.process_id, self.process_count = client, int(process_id), int(process_count)
+        self.timeout_s = float(timeout_s)
+        self.interval_s = float(interval_s or min(5.0, max(0.2, self.timeout_s / 5)))
+        self.on_lost = on_lost or _exit_lost
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._fired = False
+        now = clock()
+        self._last_contact = now  # the last successful exchange with the coordination service
+        self._peers = {p: {"value": None, "changed": now, "host": "?", "done": False}
+                       for p in range(self.process_count) if p != self.process_id}
+        self._count = 0
+        self._done = False
+        self._host = socket.gethostname()
+
+    def start(self) -> "PeerWatchdog":
+        self.beat()
+        threading.Thread(target=self._beat_loop, name="msf_jax-heartbeat", daemon=True).start()
+        threading.Thread(target=self._check_loop, name="msf_jax-peer-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def finish(self) -> None:
+        self._done = True
+        self.beat()
+
+    def beat(self) -> None:
+        """One exchange: write this process's beat, read everyone's (errors: no contact this time)."""
+        self._count += 1
+        state = "done" if self._done else "alive"
+        try:
+            self.client.key_value_set(f"{self.PREFIX}{self.process_id}",
+                                      f"{self._count} {state} {self._host}", allow_overwrite=True)
+            entries = self.client.key_value_dir_get(self.PREFIX)
+        except Exception:  # pylint: disable=broad-except  (the service is unreachable: counted by check)
+            return
+        now = self._clock()
+        with self._lock:
+            self._last_contact = now
+            for key, value in entries:
+                try:
+                    peer = int(key.rstrip("/").rsplit("/", 1)[-1])
+                    count, peer_state, host = value.split(" ", 2)
+                except ValueError:
+                    continue
+                info = self._peers.get(peer)
+                if info is None:
+                    continue
+                if info["value"] != count:
+                    info.update(value=count, changed=now)
+                info.update(host=host, done=peer_state == "done")
+
+    def check(self) -> str | None:
+        """The line to write if a process is lost now, else None."""
+        now = self._clock()
+        with self._lock:
+            if now - self._last_contact > self.timeout_s:
+                return self._line(f"the coordination service ({self._name(0)})", now - self._last_contact)
+            for peer, info in sorted(self._peers.items()):
+                if not info["done"] and now - info["changed"] > self.timeout_s:
+                    return self._line(self._name(peer), now - info["changed"])
+        return None
+
+    def _name(self, peer: int) -> str:
+        host = self._peers.get(peer, {}).get("host", "?")
+        return f"process {peer} of {self.process_count}" + ("" if host == "?" else f" on host {host}")
+
+    def _line(self, who: str, silent_s: float) -> str:
+        return (f"msf_jax: error: lost {who}: no heartbeat for {silent_s:.0f} s "
+                f"(config.runtime.heartbeat_timeout_s={self.timeout_s:g}); it died, was preempted or hangs. "
+                f"Process {self.process_id} stops too: rerun the same command on every host and training "
+                f"resumes from its last checkpoint.")
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.beat()
+
+    def _check_loop(self) -> None:
+        while not self._stop.wait(self.interval_s / 2):
+            line = self.check()
+            if line is not None and not self._fired:
+                self._fired = True
+                self._stop.set()
+                self.on_lost(line)
+                return
+
+
+def _exit_lost(line: str) -> None:
+    """Writes the line and ends the process at once (the main thread may wait on a dead peer forever)."""
+    try:
+        logging.flush()
+    except Exception:  # pylint: disable=broad-except
+        pass
+    sys.stdout.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(LOST_HOST_EXIT_CODE)  # pylint: disable=protected-access
 
 
 def log_topology(how: str = "single") -> str:
