@@ -76,6 +76,32 @@ def skip_stats(iterator) -> dict[str, int]:
     return iterator.skip_counter.as_dict()
 
 
+def _outlive_sigterm(worker_index: int, worker_count: int) -> None:
+    """In each grain worker process: ignore SIGTERM, and exit when the main process is gone.
+
+    A preemption or `tpu_pod.sh stop` sends SIGTERM to the whole process group. The main process
+    turns it into a checkpoint at the next step all hosts agree on, and needs batches until then; a
+    worker that died of the signal would make the next batch raise before that checkpoint. The main
+    process still stops its workers itself (grain's close at exit, SIGKILL as grain's fallback); a
+    worker orphaned by a main process that was killed outright ends within a second.
+    """
+    del worker_index, worker_count
+    import os  # pylint: disable=g-import-not-at-top
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def exit_when_orphaned():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)  # pylint: disable=protected-access
+
+    threading.Thread(target=exit_when_orphaned, name="exit-when-orphaned", daemon=True).start()
+
+
 def finish(ds: grain.IterDataset, num_workers: int, postprocess: Callable[[dict], dict],
            ignored_files: int) -> TrainIterator:
     """Optional worker processes (`num_workers` > 0), then the main-process `TrainIterator`."""
@@ -84,7 +110,8 @@ def finish(ds: grain.IterDataset, num_workers: int, postprocess: Callable[[dict]
 
         if not flags.FLAGS.is_parsed():  # grain's worker options are absl flags; notebooks / tests
             flags.FLAGS.mark_as_parsed()  # never parse them (absl's app.run has by the time we are here)
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+                            worker_init_fn=_outlive_sigterm)
     return iter(_TrainIterDataset(ds, postprocess, ignored_files))
 
 
