@@ -13,28 +13,31 @@ import signal
 import sys
 import time
 
-spec = json.loads(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
-os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Only as the script: grain's worker processes (data.num_workers > 0) are spawned, and a spawned child
+# imports the parent's main module again (as __mp_main__); it must not join the run a second time.
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+    import jax  # noqa: E402
+    import numpy as np  # noqa: E402
+    from flax import nnx  # noqa: E402
 
-from absl import logging  # noqa: E402
+    from absl import logging  # noqa: E402
 
-from msf_jax.runtime import distributed  # noqa: E402
+    from msf_jax.runtime import distributed  # noqa: E402
 
-logging.set_verbosity(logging.INFO)  # the topology and resume lines the test reads
+    logging.set_verbosity(logging.INFO)  # the topology and resume lines the test reads
 
-PID, N = spec["process_id"], spec["num_processes"]
-if N > 1:
-    distributed.initialize(f"localhost:{spec['port']}", N, PID)
-else:
-    distributed.initialize()
-OUT = spec["out"]
-os.makedirs(OUT, exist_ok=True)
+    PID, N = spec["process_id"], spec["num_processes"]
+    if N > 1:
+        distributed.initialize(f"localhost:{spec['port']}", N, PID, heartbeat_timeout_s=spec.get("heartbeat_timeout_s"))
+    else:
+        distributed.initialize()
+    OUT = spec["out"]
+    os.makedirs(OUT, exist_ok=True)
 
 
 def _save(name, tree):
@@ -53,15 +56,33 @@ def train(job):
 
     config = tiny_config(job.get("stage", "base"), num_steps=job["steps"],
                          checkpoint_every=job.get("checkpoint_every", 2))
+    if job.get("folder"):
+        config.data.source, config.data.folder = "folder", job["folder"]
     config.train.keep_checkpoints = 10
+    config.data.num_workers = job.get("num_workers", 0)
     from msf_jax.runtime.progress import Progress
 
-    class Preempt(Progress):  # the progress line hears of every step: the hook for the signal
+    def chosen(key):
+        return job.get(key) in (PID, "all")
+
+    class Preempt(Progress):  # the progress line hears of every step: the hook for the signals
         def update(self, n=1, extra=None):
             super().update(n, extra)
-            if self.count == job.get("sigterm_at") and PID == job.get("sigterm_process"):
-                os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice to this host only
+            if self.count == job.get("sigterm_at") and chosen("sigterm_process"):
+                if job.get("sigterm_group"):  # what a launcher's stop sends: this process and its data workers
+                    os.killpg(os.getpgrp(), signal.SIGTERM)
+                else:
+                    os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice to this host only
                 time.sleep(3)  # let the notice reach the coordination service before the next check
+            if self.count == job.get("sigkill_at") and chosen("sigkill_process"):  # a host that dies
+                ckpts = os.path.join(job["workdir"], "checkpoints")
+                for _ in range(300):  # once a checkpoint is committed (orbax finishes saving in the background)
+                    if any(name.isdigit() for name in os.listdir(ckpts)):
+                        break
+                    time.sleep(0.1)
+                with open(os.path.join(OUT, f"{job['name']}.killed_at"), "w") as f:
+                    f.write(repr(time.time()))
+                os.killpg(os.getpgrp(), signal.SIGKILL)
 
     progress = Preempt(job["steps"], "train base", enabled=False)
     summary = train_lib.train_and_evaluate(config, job["workdir"], progress=progress)
@@ -135,7 +156,22 @@ def extract(job):
     lc.extract_latents(config, None, vae=vae)
 
 
-for job in spec["jobs"]:
-    {"train": train, "restore": restore, "sample": sample, "extract": extract}[job["kind"]](job)
-distributed.barrier("mp_worker_done")
-print(f"process {PID}: done", flush=True)
+def fails(job):
+    """A job expected to raise `job['error']` (a class name) on every process: records the one line."""
+    try:
+        {"train": train}[job["inner"]](job)
+    except Exception as e:  # pylint: disable=broad-except
+        if type(e).__name__ != job["error"]:
+            raise
+        with open(os.path.join(OUT, f"{job['name']}.{PID}.json"), "w") as f:
+            json.dump({"error": type(e).__name__, "message": str(e)}, f)
+    else:
+        raise AssertionError(f"{job['name']}: expected {job['error']}")
+
+
+if __name__ == "__main__":
+    for job in spec["jobs"]:
+        {"train": train, "restore": restore, "sample": sample, "extract": extract, "fails": fails}[job["kind"]](job)
+    distributed.finished()
+    distributed.barrier("mp_worker_done")
+    print(f"process {PID}: done", flush=True)
