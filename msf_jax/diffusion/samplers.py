@@ -95,12 +95,13 @@ def _bcast(v, x):
 HEUN_FINAL_STEPS = ("heun", "euler")
 
 
-def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_final_step: str = "heun") -> Plan:
+def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_final_step: str = "euler") -> Plan:
     """The step function and per-step inputs of `sampler` on `process` with `num_steps` steps.
 
-    `heun_final_step`: "heun" corrects every interval, also the last one (the velocity is evaluated
-    at t = 0); "euler" ends with a plain Euler step (one model call fewer, e.g. EDM's sampler, whose
-    last step lands on sigma = 0 where its denoiser cannot be evaluated).
+    `heun_final_step`: "euler" (default) ends with a plain Euler step, as EDM's sampler does (one
+    model call fewer, and no evaluation at t = 0, where a trained flow model is least reliable: on
+    real images it scores far better, see README "Sampler defaults"); "heun" corrects every
+    interval, also the last one (exact for an analytic velocity field, worse for a learned one).
     """
     num_steps = int(num_steps)
     if heun_final_step not in HEUN_FINAL_STEPS:
@@ -179,7 +180,7 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_fina
 # ---------------------------------------------------------------------------------------------------
 def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
            guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-           cond_level=None, eta: float = 0.0, heun_final_step: str = "heun"):
+           cond_level=None, eta: float = 0.0, heun_final_step: str = "euler"):
     """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun").
 
     model_fn(x, t, y, cond, cond_level) -> out (see msf_jax.diffusion). `labels` (N,) int; `cond` an
@@ -207,7 +208,7 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
 
 def sample_loop(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
                 guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-                cond_level=None, eta: float = 0.0, heun_final_step: str = "heun"):
+                cond_level=None, eta: float = 0.0, heun_final_step: str = "euler"):
     """`sample` with a plain Python loop over the same step function (for tests and debugging)."""
     labels = jnp.asarray(labels, jnp.int32)
     if cond_level is not None:

@@ -63,7 +63,7 @@ def compiled_flops(compiled) -> float:
     return float(cost["flops"])
 
 
-def count_model_calls(process, sampler: str, steps: int, heun_final_step: str = "heun") -> int:
+def count_model_calls(process, sampler: str, steps: int, heun_final_step: str = "euler") -> int:
     """Model evaluations per sample of `sampler` with `steps` steps, counted while it runs.
 
     The real step functions run on a 1-sample, 2x2x1 input with a stand-in model that returns zeros

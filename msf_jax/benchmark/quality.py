@@ -1,0 +1,337 @@
+"""`python -m msf_jax.benchmark.quality`: MSF vs the single-stage DiT on real images, scored with spreads.
+
+    python -m msf_jax.benchmark.quality --folder=DIR --workdir=runs/quality [--config.quality.seeds=0,1]
+    python -m msf_jax.benchmark.quality --folder=DIR --workdir=/tmp/q --config=configs/quality.py:quick
+
+One command, resumable (rerun the same line after an interruption: finished models and scored
+settings are kept). For each training seed it trains MSF (base + residual) and the DiT at equal
+training FLOPs on the image folder, samples every sampler setting of `config.quality`, and scores it:
+  - FID on the features of a classifier trained here on the folder's images (no downloaded weights),
+    with a bootstrap spread over the samples; accuracy of that classifier on the samples' labels;
+  - the floor: the same scores for as many held-out real images (never seen by the classifier), and
+    for uniform noise;
+  - cost: model FLOPs per image (analytic: model calls counted in the real sampler x the DiT's
+    forward FLOPs, doubled when guided), and training FLOPs per model.
+Outputs in the workdir: quality.md (the table), quality.csv / quality.json, quality.png (FID vs
+sampling FLOPs, MSF and DiT, error bars = spread), grids/ (a sample grid per setting and seed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+
+STAGES_MSF = ("base", "residual")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSetting:
+    """One sampler setting of a family: per stage (sampler, steps), the Heun last step, guidance."""
+
+    family: str  # "msf" | "dit"
+    sampler: str
+    steps: tuple[int, ...]  # (base, residual) or (dit,)
+    final: str  # heun_final_step: "euler" | "heun"
+    guidance: float
+
+    @property
+    def id(self) -> str:
+        return f"{self.family}_{self.sampler}{'+'.join(map(str, self.steps))}_{self.final}_g{self.guidance:g}"
+
+    @property
+    def label(self) -> str:
+        name = "MSF" if self.family == "msf" else "DiT"
+        end = "" if self.sampler != "heun" else (" Euler-end" if self.final == "euler" else " full Heun")
+        return f"{name} {self.sampler} {'+'.join(map(str, self.steps))}{end} g{self.guidance:g}"
+
+
+def parse_settings(family: str, text: str, guidances: str) -> list[SamplerSetting]:
+    """'heun:6+6:euler,heun:12+6' x guidance list -> settings (final defaults to euler)."""
+    out = []
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        parts = item.split(":")
+        if len(parts) not in (2, 3):
+            raise ValueError(f"quality settings: {item!r} is not sampler:steps[:final]")
+        steps = tuple(int(s) for s in parts[1].split("+"))
+        if len(steps) != (2 if family == "msf" else 1) or min(steps) < 1:
+            raise ValueError(f"quality settings: {item!r} needs {'base+residual' if family == 'msf' else 'one'} "
+                             "step count(s) >= 1")
+        final = parts[2] if len(parts) == 3 else "euler"
+        for g in (float(v) for v in str(guidances).split(",") if v.strip()):
+            out.append(SamplerSetting(family, parts[0], steps, final, g))
+    return out
+
+
+def _say(msg: str) -> None:
+    print(f"[quality] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+# ----------------------------------------------------------------------------------------------
+class Scorer:
+    """FID / accuracy of uint8 images on the classifier's features, against the reference set."""
+
+    def __init__(self, model, ref_images: np.ndarray, bootstrap: int, seed: int = 0):
+        from msf_jax.metrics.classifier import apply_batched
+        from msf_jax.metrics.features import FeatureStats
+
+        self.model, self.bootstrap, self.seed = model, int(bootstrap), seed
+        self._apply = apply_batched
+        feats, _ = apply_batched(model, ref_images)
+        self.ref = FeatureStats.from_features(feats)
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray | None) -> dict:
+        from msf_jax.metrics.features import FeatureStats
+
+        feats, logits = self._apply(self.model, images)
+        fid = FeatureStats.from_features(feats).frechet_distance(self.ref)
+        rng = np.random.default_rng(self.seed)
+        boot = [FeatureStats.from_features(feats[rng.integers(0, len(feats), len(feats))]).frechet_distance(self.ref)
+                for _ in range(self.bootstrap)]
+        out = {"fid": fid, "fid_boot_std": float(np.std(boot)) if boot else float("nan")}
+        if labels is not None:
+            hits = logits.argmax(-1) == labels
+            out["accuracy"] = float(hits.mean())
+            out["accuracy_std"] = float(np.sqrt(out["accuracy"] * (1 - out["accuracy"]) / len(hits)))
+        return out
+
+
+def load_real(config, num_holdout: int, seed: int):
+    """Every image of the folder, split into (classifier + reference set, held-out floor set)."""
+    from msf_jax.data import sources
+
+    source, _ = sources.folder_source(config.data)
+    real = sources.eval_from_source(source, config.data, num_images=len(source), seed=seed, what=config.data.folder)
+    n = len(real["label"])
+    if n < 3 * num_holdout:
+        raise ValueError(f"image folder {config.data.folder!r} has {n} valid images; the quality benchmark needs "
+                         f"at least 3 x quality.num_samples = {3 * num_holdout} (lower --config.quality.num_samples)")
+    hold = {k: v[:num_holdout] for k, v in real.items()}
+    rest = {k: v[num_holdout:] for k, v in real.items()}
+    return rest, hold
+
+
+def get_classifier(config, workdir: str, images: np.ndarray, labels: np.ndarray):
+    from msf_jax import paths
+    from msf_jax.metrics import classifier
+
+    q = config.quality
+    path = paths.join(workdir, "classifier.npz")
+    if paths.exists(path):
+        _say(f"classifier: {path}")
+        return classifier.load_classifier(path)[0]
+    cfg = classifier.ClassifierConfig(widths=tuple(q.classifier_widths), epochs=int(q.classifier_epochs),
+                                      seed=int(config.seed))
+    t0 = time.perf_counter()
+    _say(f"training the scoring classifier on {len(images)} real images ({cfg.epochs} epochs)")
+    model = classifier.train_classifier(images, labels, config.data.num_classes, cfg, log=_say)
+    classifier.save_classifier(model, path, {"num_classes": int(config.data.num_classes), "widths": list(cfg.widths)})
+    _say(f"classifier trained in {time.perf_counter() - t0:.0f}s")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, sampling, cost
+# ----------------------------------------------------------------------------------------------
+def seed_config(config, seed: int, stage: str, stats_path: str):
+    cfg = config.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.seed, cfg.stage = seed, stage
+        cfg.factorizer.stats_path = stats_path
+        if stage == "dit":
+            cfg.train.num_steps = int(round(config.train.num_steps * config.quality.dit_steps_factor))
+            cfg.train.checkpoint_every = cfg.train.num_steps
+    return cfg
+
+
+def train_models(config, workdir: str, seed: int) -> tuple[dict, dict, object]:
+    """({stage: EMA model}, {stage: training FLOPs}, factorizer) for one seed (resumes / reuses)."""
+    from msf_jax import paths, train
+    from msf_jax.factorize import Factorizer
+    from msf_jax.models.dit import dit_flops_per_example
+    from msf_jax.stats import RUN_STATS_FILE, resolve_stats
+
+    run_dir = paths.join(workdir, f"seed{seed}")
+    paths.makedirs(run_dir)
+    stats = resolve_stats(seed_config(config, seed, "base", ""), run_dir)
+    stats_path = paths.join(run_dir, RUN_STATS_FILE)
+    factorizer = Factorizer.from_config(config.factorizer, stats=stats)
+    models, train_flops = {}, {}
+    for stage in STAGES_MSF + ("dit",):
+        cfg = seed_config(config, seed, stage, stats_path)
+        t0 = time.perf_counter()
+        _say(f"seed {seed}: training {stage} for {cfg.train.num_steps} steps (batch {cfg.train.batch_size})")
+        summary = train.train_and_evaluate(cfg, paths.join(run_dir, stage))
+        model = summary["trainer"].ema_model(summary["state"])
+        models[stage] = model
+        train_flops[stage] = 3.0 * dit_flops_per_example(model) * cfg.train.batch_size * cfg.train.num_steps
+        _say(f"seed {seed}: {stage} done in {time.perf_counter() - t0:.0f}s "
+             f"({train_flops[stage] / 1e15:.3f} PFLOP of training)")
+    return models, train_flops, factorizer
+
+
+def setting_config(config, setting: SamplerSetting):
+    cfg = config.copy_and_resolve_references()
+    names = STAGES_MSF if setting.family == "msf" else ("dit",)
+    with cfg.unlocked():
+        for name, steps in zip(names, setting.steps):
+            cfg[name].sampler, cfg[name].num_sampling_steps = setting.sampler, steps
+            cfg[name].heun_final_step, cfg[name].guidance_scale = setting.final, setting.guidance
+    return cfg
+
+
+def sampling_flops(cfg, stage_list, models) -> tuple[float, int]:
+    """(model FLOPs per image, model calls per image): calls counted in the real sampler."""
+    from msf_jax.models.dit import dit_flops_per_example
+    from msf_jax.sweep_sampler import count_model_calls
+
+    flops, calls = 0.0, 0
+    for stage, model in zip(stage_list, models):
+        n = count_model_calls(stage.process, stage.config.sampler, int(stage.config.num_sampling_steps),
+                              stage.config.heun_final_step)
+        guided = 2 if stage.guided else 1
+        flops += n * guided * dit_flops_per_example(model)
+        calls += n * guided
+    return flops, calls
+
+
+def sample_setting(config, setting: SamplerSetting, models: dict, factorizer, num: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(uint8 samples, labels, FLOPs per image, calls per image): indices 0..num-1, balanced labels."""
+    from msf_jax import stages
+    from msf_jax.sample import Generator
+
+    cfg = setting_config(config, setting)
+    stage_list = stages.build_stages(cfg, factorizer, single_stage=setting.family == "dit")
+    stage_models = [models[s.name] for s in stage_list]
+    generator = Generator(cfg, stage_list, stage_models)
+    indices = np.arange(num)
+    labels = (indices % cfg.data.num_classes).astype(np.int32)
+    bs = int(cfg.sample.batch_size)
+    images = np.concatenate([generator(indices[i:i + bs], labels[i:i + bs]) for i in range(0, num, bs)])
+    flops, calls = sampling_flops(cfg, stage_list, stage_models)
+    return images, labels, flops, calls
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+def run_quality(config, workdir: str) -> dict:
+    """Runs (or resumes) the benchmark; returns {"rows": aggregated rows, "floor": ..., ...}."""
+    from msf_jax import frontier, outputs, paths
+
+    q = config.quality
+    if not config.data.folder:
+        raise ValueError("the quality benchmark needs an image folder: --folder=DIR (one subfolder per class)")
+    paths.makedirs(workdir)
+    seeds = [int(s) for s in str(q.seeds).split(",") if s.strip()]
+    settings = (parse_settings("msf", q.msf_settings, q.guidance) + parse_settings("dit", q.dit_settings, q.guidance))
+    n = int(q.num_samples)
+
+    rest, hold = load_real(config, n, seed=config.seed + 1000)
+    _say(f"{len(rest['label']) + n} real images: {len(rest['label'])} train the classifier and are the FID "
+         f"reference; {n} held out for the floor")
+    clf = get_classifier(config, workdir, rest["image"], rest["label"])
+    scorer = Scorer(clf, rest["image"], q.bootstrap)
+    noise = np.random.default_rng(config.seed).integers(0, 256, hold["image"].shape, dtype=np.uint8)
+    floor = {"real_vs_real": scorer(hold["image"], hold["label"]), "noise_vs_real": scorer(noise, None)}
+    _say(f"floor (N={n}): real-vs-real FID {floor['real_vs_real']['fid']:.2f} ± {floor['real_vs_real']['fid_boot_std']:.2f}, "
+         f"accuracy {floor['real_vs_real']['accuracy']:.3f}; noise FID {floor['noise_vs_real']['fid']:.1f}")
+
+    per_seed: dict[str, list[dict]] = {s.id: [] for s in settings}
+    train_flops = {}
+    for seed in seeds:
+        models, train_flops, factorizer = train_models(config, workdir, seed)
+        for setting in settings:
+            path = paths.join(workdir, f"seed{seed}", "scores", f"{setting.id}.json")
+            if paths.is_committed(path):
+                per_seed[setting.id].append(paths.read_json(path))
+                continue
+            t0 = time.perf_counter()
+            images, labels, flops, calls = sample_setting(config, setting, models, factorizer, n)
+            result = {"seed": seed, **scorer(images, labels), "flops_per_image": flops, "calls_per_image": calls,
+                      "sample_s": time.perf_counter() - t0}
+            grid = np.concatenate([images[labels == c][:8] for c in range(config.data.num_classes)])
+            outputs.save_png(paths.join(workdir, "grids", f"seed{seed}_{setting.id}.png"),
+                             outputs.image_grid(grid, nrow=8), upscale=max(1, 64 // images.shape[1]))
+            paths.write_committed_json(path, result)
+            per_seed[setting.id].append(result)
+            _say(f"seed {seed} {setting.label}: FID {result['fid']:.2f} ± {result['fid_boot_std']:.2f}, "
+                 f"accuracy {result['accuracy']:.3f}, {flops / 1e9:.2f} GFLOP/image ({result['sample_s']:.0f}s)")
+
+    msf_train = sum(train_flops.get(s, 0.0) for s in STAGES_MSF)
+    rows = [aggregate(s, per_seed[s.id], msf_train if s.family == "msf" else train_flops.get("dit", 0.0))
+            for s in settings]
+    rows = frontier.mark_front(rows)
+    extra = {"floor": floor, "seeds": seeds, "num_samples": n, "folder": config.data.folder,
+             "train_flops": train_flops, "train_steps": {"msf_per_stage": int(config.train.num_steps),
+                                                         "dit": int(round(config.train.num_steps * q.dit_steps_factor))}}
+    frontier.write_table(rows, paths.join(workdir, "quality.csv"), paths.join(workdir, "quality.json"), extra)
+    table = markdown(rows, floor, n, seeds)
+    paths.write_committed_text(paths.join(workdir, "quality.md"), table + "\n")
+    frontier.plot_frontier(rows, paths.join(workdir, "quality.png"), metric="classifier FID",
+                           title=f"MSF vs DiT on {os.path.basename(config.data.folder.rstrip('/'))} "
+                                 f"(N={n}, seeds {','.join(map(str, seeds))})")
+    print(table, flush=True)
+    return {"rows": rows, **extra}
+
+
+def aggregate(setting: SamplerSetting, results: list[dict], train_flops: float) -> dict:
+    """One table row: the mean over seeds, the spread (std over seeds; with one seed, the bootstrap)."""
+    fids = np.array([r["fid"] for r in results])
+    accs = np.array([r["accuracy"] for r in results])
+    boot = float(np.mean([r["fid_boot_std"] for r in results]))
+    return {"id": setting.id, "family": setting.family, "label": setting.label,
+            "quality": float(fids.mean()), "fid": float(fids.mean()),
+            "fid_spread": float(fids.std(ddof=1)) if len(fids) > 1 else boot,
+            "fid_seed_std": float(fids.std(ddof=1)) if len(fids) > 1 else float("nan"),
+            "fid_boot_std": boot, "fid_per_seed": " ".join(f"{v:.2f}" for v in fids),
+            "accuracy": float(accs.mean()),
+            "accuracy_spread": float(accs.std(ddof=1)) if len(accs) > 1 else float(results[0]["accuracy_std"]),
+            "flops_per_image": float(results[0]["flops_per_image"]), "calls_per_image": int(results[0]["calls_per_image"]),
+            "train_flops": float(train_flops), "seeds": len(results)}
+
+
+def markdown(rows: list[dict], floor: dict, n: int, seeds: list[int]) -> str:
+    spread = "std over seeds" if len(seeds) > 1 else "bootstrap std over samples"
+    lines = [f"| setting | classifier FID ↓ (± {spread}) | accuracy ↑ | sampling GFLOP/image | model calls | "
+             "training PFLOP |", "|---|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["flops_per_image"])):
+        lines.append(f"| {r['label']} | {r['fid']:.2f} ± {r['fid_spread']:.2f} | {r['accuracy']:.3f} ± "
+                     f"{r['accuracy_spread']:.3f} | {r['flops_per_image'] / 1e9:.2f} | {r['calls_per_image']} | "
+                     f"{r['train_flops'] / 1e15:.2f} |")
+    rr, nz = floor["real_vs_real"], floor["noise_vs_real"]
+    lines.append(f"| real vs real (floor, N={n}) | {rr['fid']:.2f} ± {rr['fid_boot_std']:.2f} | {rr['accuracy']:.3f} | "
+                 "| | |")
+    lines.append(f"| uniform noise | {nz['fid']:.1f} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    default_config = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                  "configs", "quality.py")
+    config_flag = config_flags.DEFINE_config_file("config", default_config, "Config file (configs/quality.py).")
+    folder = flags.DEFINE_string("folder", "", "Image folder, one subfolder per class (sets config.data.folder).")
+    workdir = flags.DEFINE_string("workdir", "runs/quality", "Where models, scores and the table go.")
+
+    def _main(_):
+        config = config_flag.value
+        if folder.value:
+            config.data.folder = folder.value
+        try:
+            run_quality(config, workdir.value)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"quality: {e}")
+
+    app.run(_main, argv=argv)
+
+
+if __name__ == "__main__":
+    main()
