@@ -287,6 +287,7 @@ def aggregate(setting: SamplerSetting, results: list[dict], train_flops: float) 
     boot = float(np.mean([r["fid_boot_std"] for r in results]))
     return {"id": setting.id, "family": setting.family, "label": setting.label,
             "quality": float(fids.mean()), "fid": float(fids.mean()),
+            "quality_err": float(fids.std(ddof=1)) if len(fids) > 1 else boot,
             "fid_spread": float(fids.std(ddof=1)) if len(fids) > 1 else boot,
             "fid_seed_std": float(fids.std(ddof=1)) if len(fids) > 1 else float("nan"),
             "fid_boot_std": boot, "fid_per_seed": " ".join(f"{v:.2f}" for v in fids),

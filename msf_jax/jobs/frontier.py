@@ -116,7 +116,8 @@ def _flops_text(v: float) -> str:
 
 def plot_frontier(rows: list[dict], path: str, *, metric: str, title: str = "",
                   size: tuple[int, int] = (960, 620)) -> str:
-    """Quality vs FLOPs per image (log x) as a PNG; `rows` as from `mark_front`. Returns the path."""
+    """Quality vs FLOPs per image (log x) as a PNG; `rows` as from `mark_front` (an optional
+    `quality_err` draws an error bar). Returns the path."""
     pts = [r for r in rows if np.isfinite(r["flops_per_image"]) and np.isfinite(r["quality"])]
     if not pts:
         raise ValueError("plot_frontier: no finite (flops, quality) points to plot")
@@ -129,7 +130,10 @@ def plot_frontier(rows: list[dict], path: str, *, metric: str, title: str = "",
     fx = np.array([r["flops_per_image"] for r in pts])
     qy = np.array([r["quality"] for r in pts])
     x_lo, x_hi = fx.min() / 1.25, fx.max() * 1.25
-    y_ticks = _nice_ticks(qy.min() - 0.05 * np.ptp(qy) - 1e-9, qy.max() + 0.05 * np.ptp(qy) + 1e-9)
+    ey = np.array([r.get("quality_err") or 0.0 for r in pts], np.float64)
+    ey = np.where(np.isfinite(ey), ey, 0.0)
+    lo_q, hi_q = (qy - ey).min(), (qy + ey).max()
+    y_ticks = _nice_ticks(lo_q - 0.05 * (hi_q - lo_q) - 1e-9, hi_q + 0.05 * (hi_q - lo_q) + 1e-9)
     y_lo, y_hi = y_ticks[0], y_ticks[-1]
 
     def px(x):
@@ -165,7 +169,12 @@ def plot_frontier(rows: list[dict], path: str, *, metric: str, title: str = "",
         d.line([px(a["flops_per_image"]), py(a["quality"]), px(b["flops_per_image"]), py(a["quality"]),
                 px(b["flops_per_image"]), py(b["quality"])], fill=FRONT_COLOR, width=2)
 
-    # One marker per setting.
+    # Error bars (rows with `quality_err`: a spread over seeds or samples), then one marker per setting.
+    for r in pts:
+        err = r.get("quality_err")
+        if err and np.isfinite(err):
+            x = px(r["flops_per_image"])
+            d.line([x, py(r["quality"] - err), x, py(r["quality"] + err)], fill=(120, 120, 120), width=1)
     for r in pts:
         shape, color = FAMILY_STYLE.get(r["family"], ("circle", (90, 90, 90)))
         x, y, s = px(r["flops_per_image"]), py(r["quality"]), 5
