@@ -317,7 +317,7 @@ def test_heun_ends_with_euler_by_default():
     """The default Heun sampler never evaluates the flow model at t = 0: on real images (32x32, 10
     classes) full Heun's last correction cost 9-15 FID points (README, "Sampler defaults")."""
     from configs import default, demo, quality
-    from msf_jax.sweep_sampler import count_model_calls
+    from msf_jax.jobs.sweep_sampler import count_model_calls
     assert count_model_calls(FlowMatching(), "heun", 4) == 7  # 2 per step, 1 for the last
     assert count_model_calls(FlowMatching(), "heun", 4, "heun") == 8
     for cfg in (default.get_config(), demo.get_config(), quality.get_config()):

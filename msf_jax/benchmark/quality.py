@@ -117,8 +117,8 @@ def load_real(config, num_holdout: int, seed: int):
 
 
 def get_classifier(config, workdir: str, images: np.ndarray, labels: np.ndarray):
-    from msf_jax import paths
     from msf_jax.metrics import classifier
+    from msf_jax.runtime import paths
 
     q = config.quality
     path = paths.join(workdir, "classifier.npz")
@@ -151,9 +151,10 @@ def seed_config(config, seed: int, stage: str, stats_path: str):
 
 def train_models(config, workdir: str, seed: int) -> tuple[dict, dict, object]:
     """({stage: EMA model}, {stage: training FLOPs}, factorizer) for one seed (resumes / reuses)."""
-    from msf_jax import paths, train
+    from msf_jax.jobs import train
     from msf_jax.factorize import Factorizer
     from msf_jax.models.dit import dit_flops_per_example
+    from msf_jax.runtime import paths
     from msf_jax.stats import RUN_STATS_FILE, resolve_stats
 
     run_dir = paths.join(workdir, f"seed{seed}")
@@ -188,7 +189,7 @@ def setting_config(config, setting: SamplerSetting):
 def sampling_flops(cfg, stage_list, models) -> tuple[float, int]:
     """(model FLOPs per image, model calls per image): calls counted in the real sampler."""
     from msf_jax.models.dit import dit_flops_per_example
-    from msf_jax.sweep_sampler import count_model_calls
+    from msf_jax.jobs.sweep_sampler import count_model_calls
 
     flops, calls = 0.0, 0
     for stage, model in zip(stage_list, models):
@@ -203,7 +204,7 @@ def sampling_flops(cfg, stage_list, models) -> tuple[float, int]:
 def sample_setting(config, setting: SamplerSetting, models: dict, factorizer, num: int) -> tuple[np.ndarray, np.ndarray, float, int]:
     """(uint8 samples, labels, FLOPs per image, calls per image): indices 0..num-1, balanced labels."""
     from msf_jax import stages
-    from msf_jax.sample import Generator
+    from msf_jax.jobs.sample import Generator
 
     cfg = setting_config(config, setting)
     stage_list = stages.build_stages(cfg, factorizer, single_stage=setting.family == "dit")
@@ -222,7 +223,8 @@ def sample_setting(config, setting: SamplerSetting, models: dict, factorizer, nu
 # ----------------------------------------------------------------------------------------------
 def run_quality(config, workdir: str) -> dict:
     """Runs (or resumes) the benchmark; returns {"rows": aggregated rows, "floor": ..., ...}."""
-    from msf_jax import frontier, outputs, paths
+    from msf_jax.jobs import frontier
+    from msf_jax.runtime import outputs, paths
 
     q = config.quality
     if not config.data.folder:

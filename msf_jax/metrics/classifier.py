@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from msf_jax import paths
+from msf_jax.runtime import paths
 
 
 @dataclasses.dataclass(frozen=True)
