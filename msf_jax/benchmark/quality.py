@@ -249,13 +249,15 @@ def run_quality(config, workdir: str) -> dict:
     for seed in seeds:
         models, train_flops, factorizer = train_models(config, workdir, seed)
         for setting in settings:
-            path = paths.join(workdir, f"seed{seed}", "scores", f"{setting.id}.json")
+            # Keyed by the training budget too: raising train.num_steps resumes the models, and
+            # their old scores must not be reused.
+            path = paths.join(workdir, f"seed{seed}", "scores", f"steps{config.train.num_steps}", f"{setting.id}.json")
             if paths.is_committed(path):
                 per_seed[setting.id].append(paths.read_json(path))
                 continue
             t0 = time.perf_counter()
             images, labels, flops, calls = sample_setting(config, setting, models, factorizer, n)
-            result = {"seed": seed, **scorer(images, labels), "flops_per_image": flops, "calls_per_image": calls,
+            result = {"seed": seed, "train_steps": int(config.train.num_steps), **scorer(images, labels), "flops_per_image": flops, "calls_per_image": calls,
                       "sample_s": time.perf_counter() - t0}
             grid = np.concatenate([images[labels == c][:8] for c in range(config.data.num_classes)])
             outputs.save_png(paths.join(workdir, "grids", f"seed{seed}_{setting.id}.png"),
