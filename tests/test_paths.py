@@ -184,8 +184,8 @@ def test_sample_grid_summary_and_converted_weights_read_from_gs(fake_gcs, monkey
     loaded = []
     monkeypatch.setattr(inception, "load_inception", lambda p: loaded.append(p) or "model")
     monkeypatch.setattr(inception_model, "make_feature_fn", lambda model, mesh=None: model)
-    assert evaluate._inception_feature_fn("gs://bucket/inception.safetensors") == "model"
+    assert evaluate.inception_feature_fn("gs://bucket/inception.safetensors") == "model"
     assert loaded == ["gs://bucket/inception.safetensors"]
     with pytest.raises(evaluate.EvaluationError, match="no such Inception weights"):
-        evaluate._inception_feature_fn("gs://bucket/missing.safetensors")
+        evaluate.inception_feature_fn("gs://bucket/missing.safetensors")
     assert not os.path.exists("gs:") and "gs://bucket/inception.safetensors" in seen
