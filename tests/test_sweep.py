@@ -223,7 +223,7 @@ def test_sweep_table_front_plot_resume_and_no_recompilation(setup, tmp_path):
 
     # Other samples in the same workdir are refused, and so is any other field the sampler reads but
     # the grid does not decide.
-    for section, field, value in (("sweep", "num_samples", 4), ("base", "heun_final_step", "euler"),
+    for section, field, value in (("sweep", "num_samples", 4), ("base", "heun_final_step", "heun"),
                                   ("residual", "ddim_eta", 0.5), ("dit", "guidance_channels", 1)):
         changed = config.copy_and_resolve_references()
         changed[section][field] = value
