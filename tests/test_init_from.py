@@ -139,7 +139,7 @@ def test_conditioned_or_noise_conditioned_source_into_a_plainer_stage_is_an_erro
 
 
 def test_train_from_a_converted_file_and_from_a_workdir_then_resume_ignores_it(tmp_path, caplog):
-    caplog.set_level("INFO")
+    caplog.set_level("INFO", logger="absl")  # absl's own level: a CLI test before this one may have raised it
     init_lines = lambda: [r.getMessage() for r in caplog.records if r.getMessage().startswith("init_from:")]  # noqa: E731
 
     # A converted DiT file (as `python -m msf_jax.convert dit` writes it) starts the single-stage DiT;

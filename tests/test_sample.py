@@ -136,7 +136,7 @@ def test_a_failed_run_does_not_bind_its_workdir(setup, tmp_path):
     gen = sample_lib.Generator(config, stage_list, models, mesh=Mesh(np.asarray(jax.devices()[:1]), ("data",)))
     sample_lib.sample_to_files(config, workdir, generator=gen)
     assert json.loads(spec_path.read_text()) == run_spec.sampling_spec(config)
-    for field, value in (("ddim_eta", 0.5), ("heun_final_step", "euler"), ("guidance_channels", 1)):
+    for field, value in (("ddim_eta", 0.5), ("heun_final_step", "heun"), ("guidance_channels", 1)):
         changed = config.copy_and_resolve_references()
         changed.base[field] = value
         with pytest.raises(ValueError, match=rf"holds samples made with other settings \(base\.{field}\)"):

@@ -39,13 +39,21 @@ def stage_config(config, stage: str, stats_path: str):
 
 
 def run_demo(config, workdir: str) -> dict:
-    """Runs the whole demo; returns the metrics it wrote."""
+    """Runs the whole demo; returns the metrics it wrote. Logs below WARNING are quiet meanwhile."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)  # the demo reports its own progress lines
+    try:
+        return _run_demo(config, workdir)
+    finally:  # a caller in the same process (a notebook, a test) gets its logging back
+        logging.set_verbosity(verbosity)
+
+
+def _run_demo(config, workdir: str) -> dict:
     from msf_jax import stages
     from msf_jax.jobs import evaluate, train
     from msf_jax.jobs.sample import Generator
 
     t_start = time.perf_counter()
-    logging.set_verbosity(logging.WARNING)  # the demo reports its own progress lines
     paths.makedirs(workdir)
     _say(f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s); writing to {workdir}")
     stats_path = paths.join(workdir, RUN_STATS_FILE)
