@@ -55,13 +55,18 @@ def _wait(groups):
     except subprocess.TimeoutExpired:
         raise AssertionError(f"workers timed out after {SESSION_TIMEOUT_S}s\n" + _logs(groups)) from None
     finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+        _kill_groups(procs)
+
+
+def _kill_groups(procs) -> None:
+    """SIGKILL to the process group of every process still running (its grain workers too)."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 def _logs(groups) -> str:
@@ -262,13 +267,7 @@ def test_a_killed_host_stops_the_survivor_with_one_line(tmp_path):
     except subprocess.TimeoutExpired:
         pass
     finally:
-        for p in procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                p.wait()
+        _kill_groups(procs)
     logs = _logs([(out, procs)])
     assert victim.returncode == -signal.SIGKILL, logs
     assert survivor.returncode == 42, f"survivor exit status {survivor.returncode}\n{logs}"

@@ -31,8 +31,6 @@ from msf_jax.runtime import distributed, sharding
 from msf_jax.runtime.progress import Progress
 from msf_jax.stats import batch_to_z, resolve_stats
 
-DTYPES = stages.DTYPES
-
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; no checkpoint is written after it."""
@@ -60,7 +58,7 @@ class Trainer:
         self.process = self.stage.process
         self.tx = create_optimizer(config.train)
         self.rules = sharding.logical_rules(config)
-        dtype = DTYPES[config.train.compute_dtype]
+        dtype = stages.DTYPES[config.train.compute_dtype]
         self._make_model = lambda: self.stage.build_model(seed=config.seed, dtype=dtype, remat=config.train.remat)
         abstract_model = nnx.eval_shape(self._make_model)
         self.graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)

@@ -172,15 +172,9 @@ def restore_state_items(workdir: str, abstract_items: dict[str, Any], config_dic
     read, so memory is about one copy of the parameters. `abstract_items` are ShapeDtypeStructs with
     shardings (the restore target). Returns (step, items); checks the model signature first.
     """
-    directory = paths.join(paths.abspath(workdir), "checkpoints")  # gs://… passes unchanged
-    if not paths.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints under {directory}")
-    manager = _read_only_manager(directory)
+    directory, manager = _open_checkpoints(workdir)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
-        saved = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        step, saved = _read_config(manager, directory, step)
         _check_signature(directory, step, saved, config_dict)
         args = ocp.args.PyTreeRestore(item=abstract_items, partial_restore=True,
                                       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_items))
@@ -197,17 +191,27 @@ def restore_state_items(workdir: str, abstract_items: dict[str, Any], config_dic
 def saved_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
     """(step, config dict) of a run's latest (or given) checkpoint, reading no array: which model
     another run trained (e.g. to start from its weights, msf_jax.jobs.init_from)."""
-    directory = paths.join(paths.abspath(workdir), "checkpoints")
-    if not paths.isdir(directory):
-        raise FileNotFoundError(f"no checkpoints under {directory}")
-    manager = _read_only_manager(directory)
+    directory, manager = _open_checkpoints(workdir)
     try:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
-        return step, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        return _read_config(manager, directory, step)
     finally:
         manager.close()
+
+
+def _open_checkpoints(workdir: str):
+    """(directory, read-only manager) of a run's checkpoints; FileNotFoundError if there are none."""
+    directory = paths.join(paths.abspath(workdir), "checkpoints")  # gs://… passes unchanged
+    if not paths.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints under {directory}")
+    return directory, _read_only_manager(directory)
+
+
+def _read_config(manager, directory: str, step: int | None) -> tuple[int, dict]:
+    """(step, saved config dict) of the latest (or given) checkpoint; reads no array."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {directory}")
+    return step, manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
 
 
 def config_to_dict(config) -> dict:
