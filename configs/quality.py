@@ -49,6 +49,9 @@ def get_config(variant: str = ""):
         msf_settings="heun:6+6:euler,heun:6+6:heun,heun:12+6:euler,heun:3+3:euler",
         dit_settings="heun:12:euler,heun:12:heun,heun:24:euler,heun:6:euler",
         guidance="2.0",  # guidance scales tried with every setting (comma list)
+        # Rows that tell which MSF stage limits quality (pixel space): the residual stage on real bases,
+        # and the base stage alone against real upsampled bases (msf_jax/benchmark/quality.py).
+        diagnostics=True,
         classifier_epochs=12,
         classifier_widths=(32, 64, 128),
     ))

@@ -51,10 +51,17 @@ def test_quality_quick_writes_table(tmp_path):
     assert out["train_steps"]["dit"] == 2 * out["train_steps"]["msf_per_stage"]
     floor = out["floor"]
     assert floor["real_vs_real"]["fid"] < floor["noise_vs_real"]["fid"]
+    # Which stage limits quality: the residual stage on real bases, the base stage alone vs real bases.
+    diag = out["diagnostics"]
+    assert set(diag) == {"oracle_base", "base_only", "base_floor"}
+    for d in diag.values():
+        assert np.isfinite(d["fid"]) and 0 <= d["accuracy"] <= 1
+    assert diag["base_floor"]["fid"] < diag["base_only"]["fid"]  # real bases are closer to real bases
     for name in ("quality.md", "quality.csv", "quality.json", "quality.png", "classifier.npz"):
         assert os.path.exists(os.path.join(workdir, name)), name
     table = open(os.path.join(workdir, "quality.md")).read()
     assert "real vs real (floor, N=16)" in table and "| MSF heun 2+2 Euler-end g2 |" in table
+    assert "*diagnostic:* MSF residual stage on real bases" in table
     saved = json.load(open(os.path.join(workdir, "quality.json")))
     assert len(saved["rows"]) == 3 and saved["seeds"] == [0]
 

@@ -149,8 +149,9 @@ def seed_config(config, seed: int, stage: str, stats_path: str):
     return cfg
 
 
-def train_models(config, workdir: str, seed: int) -> tuple[dict, dict, object]:
-    """({stage: EMA model}, {stage: training FLOPs}, factorizer) for one seed (resumes / reuses)."""
+def train_models(config, workdir: str, seed: int, families=("msf", "dit")) -> tuple[dict, dict, object]:
+    """({stage: EMA model}, {stage: training FLOPs}, factorizer) for one seed (resumes / reuses); only
+    the models of `families` ("msf": base + residual, "dit") are trained."""
     from msf_jax.jobs import train
     from msf_jax.factorize import Factorizer
     from msf_jax.models.dit import dit_flops_per_example
@@ -163,7 +164,8 @@ def train_models(config, workdir: str, seed: int) -> tuple[dict, dict, object]:
     stats_path = paths.join(run_dir, RUN_STATS_FILE)
     factorizer = Factorizer.from_config(config.factorizer, stats=stats)
     models, train_flops = {}, {}
-    for stage in STAGES_MSF + ("dit",):
+    wanted = (STAGES_MSF if "msf" in families else ()) + (("dit",) if "dit" in families else ())
+    for stage in wanted:
         cfg = seed_config(config, seed, stage, stats_path)
         t0 = time.perf_counter()
         _say(f"seed {seed}: training {stage} for {cfg.train.num_steps} steps (batch {cfg.train.batch_size})")
@@ -219,6 +221,83 @@ def sample_setting(config, setting: SamplerSetting, models: dict, factorizer, nu
 
 
 # ----------------------------------------------------------------------------------------------
+# Which MSF stage limits quality
+# ----------------------------------------------------------------------------------------------
+def _to_pixels(images: np.ndarray) -> np.ndarray:
+    return images.astype(np.float32) / 127.5 - 1.0  # uint8 (N,H,W,3) -> [-1, 1], as the input pipeline
+
+
+def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer, scorer: Scorer, rest: dict,
+                      hold: dict, seed: int, score_dir: str) -> dict[str, dict]:
+    """Two rows that tell which MSF stage limits the samples (pixel space; `setting`'s steps and guidance):
+
+    - "oracle_base": the residual stage on the *real* bases of the held-out images (their labels),
+      scored like the samples: MSF's quality if the base stage were perfect;
+    - "base_only": the base stage's samples, upsampled (residual zero), against the real images'
+      upsampled bases (a reference of its own, from the same images as the FID reference): how far
+      the coarse layout alone is from the real one. Its floor, held-out vs reference, is the third row.
+    """
+    import jax
+
+    from msf_jax import pipeline, stages
+    from msf_jax.runtime import paths
+
+    if config.space != "pixel":
+        return {}
+    cfg = setting_config(config, setting)
+    base_stage, residual_stage = stages.build_stages(cfg, factorizer)
+    fns = {s.name: stages.model_function(models[s.name]) for s in (base_stage, residual_stage)}
+    bs = int(cfg.sample.batch_size)
+    labels = hold["label"].astype(np.int32)
+
+    @jax.jit
+    def oracle(images, y, keys):  # real base -> residual stage -> image
+        base = factorizer.decompose(images)[0]
+        return pipeline.pixels_to_uint8(pipeline.sample([residual_stage], [fns["residual"]], y, keys, given=[base]))
+
+    @jax.jit
+    def base_only(y, keys):  # base stage -> upsampled image
+        return pipeline.pixels_to_uint8(pipeline.sample([base_stage], [fns["base"]], y, keys))
+
+    @jax.jit
+    def real_base(images):  # real image -> its upsampled base
+        return pipeline.pixels_to_uint8(factorizer.upsampled(factorizer.decompose(images)[:1]))
+
+    def batched(fn, *arrays, keyed=True):
+        out = []
+        for i in range(0, len(arrays[0]), bs):
+            args = [a[i:i + bs] for a in arrays]
+            if keyed:
+                args.append(pipeline.sample_keys(cfg.seed, np.arange(i, i + len(args[0]))))
+            out.append(np.asarray(fn(*args)))
+        return np.concatenate(out)
+
+    out, base_scorer = {}, None
+    for name, label in (("oracle_base", f"MSF residual stage on real bases ({setting.label})"),
+                        ("base_only", f"MSF base stage alone, upsampled, vs real upsampled bases ({setting.steps[0]} steps)"),
+                        ("base_floor", "real upsampled bases, held-out vs reference (floor of the row above)")):
+        path = paths.join(score_dir, f"diagnostic_{name}_{setting.id}.json")
+        if paths.is_committed(path):
+            out[name] = paths.read_json(path)
+            continue
+        if name == "oracle_base":
+            result = scorer(batched(oracle, _to_pixels(hold["image"]), labels), labels)
+        else:
+            if base_scorer is None:  # the real upsampled bases are the reference
+                base_scorer = Scorer(scorer.model, batched(real_base, _to_pixels(rest["image"]), keyed=False),
+                                     scorer.bootstrap)
+            images = (batched(base_only, labels) if name == "base_only"
+                      else batched(real_base, _to_pixels(hold["image"]), keyed=False))
+            result = base_scorer(images, labels)
+        result.update(seed=seed, label=label)
+        paths.write_committed_json(path, result)
+        out[name] = result
+        _say(f"seed {seed} diagnostic, {label}: FID {result['fid']:.2f} ± {result['fid_boot_std']:.2f}, "
+             f"accuracy {result['accuracy']:.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------
 def run_quality(config, workdir: str) -> dict:
@@ -246,8 +325,10 @@ def run_quality(config, workdir: str) -> dict:
 
     per_seed: dict[str, list[dict]] = {s.id: [] for s in settings}
     train_flops = {}
+    families = sorted({s.family for s in settings})
+    diagnostics: dict[str, list[dict]] = {}
     for seed in seeds:
-        models, train_flops, factorizer = train_models(config, workdir, seed)
+        models, train_flops, factorizer = train_models(config, workdir, seed, families)
         for setting in settings:
             # Keyed by the training budget too: raising train.num_steps resumes the models, and
             # their old scores must not be reused.
@@ -266,16 +347,27 @@ def run_quality(config, workdir: str) -> dict:
             per_seed[setting.id].append(result)
             _say(f"seed {seed} {setting.label}: FID {result['fid']:.2f} ± {result['fid_boot_std']:.2f}, "
                  f"accuracy {result['accuracy']:.3f}, {flops / 1e9:.2f} GFLOP/image ({result['sample_s']:.0f}s)")
+        msf = [s for s in settings if s.family == "msf"]
+        if q.diagnostics and msf:
+            for name, result in stage_diagnostics(config, msf[0], models, factorizer, scorer, rest, hold, seed,
+                                                  paths.join(workdir, f"seed{seed}", "scores",
+                                                             f"steps{config.train.num_steps}")).items():
+                diagnostics.setdefault(name, []).append(result)
 
     msf_train = sum(train_flops.get(s, 0.0) for s in STAGES_MSF)
     rows = [aggregate(s, per_seed[s.id], msf_train if s.family == "msf" else train_flops.get("dit", 0.0))
             for s in settings]
     rows = frontier.mark_front(rows)
-    extra = {"floor": floor, "seeds": seeds, "num_samples": n, "folder": config.data.folder,
+    diag_rows = {name: {"fid": float(np.mean([r["fid"] for r in res])),
+                        "fid_spread": float(np.std([r["fid"] for r in res], ddof=1)) if len(res) > 1
+                        else float(res[0]["fid_boot_std"]),
+                        "accuracy": float(np.mean([r["accuracy"] for r in res])), "label": res[0]["label"]}
+                 for name, res in diagnostics.items()}
+    extra = {"floor": floor, "diagnostics": diag_rows, "seeds": seeds, "num_samples": n, "folder": config.data.folder,
              "train_flops": train_flops, "train_steps": {"msf_per_stage": int(config.train.num_steps),
                                                          "dit": int(round(config.train.num_steps * q.dit_steps_factor))}}
     frontier.write_table(rows, paths.join(workdir, "quality.csv"), paths.join(workdir, "quality.json"), extra)
-    table = markdown(rows, floor, n, seeds)
+    table = markdown(rows, floor, n, seeds, diag_rows)
     paths.write_committed_text(paths.join(workdir, "quality.md"), table + "\n")
     frontier.plot_frontier(rows, paths.join(workdir, "quality.png"), metric="classifier FID",
                            title=f"MSF vs DiT on {os.path.basename(config.data.folder.rstrip('/'))} "
@@ -301,7 +393,7 @@ def aggregate(setting: SamplerSetting, results: list[dict], train_flops: float) 
             "train_flops": float(train_flops), "seeds": len(results)}
 
 
-def markdown(rows: list[dict], floor: dict, n: int, seeds: list[int]) -> str:
+def markdown(rows: list[dict], floor: dict, n: int, seeds: list[int], diagnostics: dict | None = None) -> str:
     spread = "std over seeds" if len(seeds) > 1 else "bootstrap std over samples"
     lines = [f"| setting | classifier FID ↓ (± {spread}) | accuracy ↑ | sampling GFLOP/image | model calls | "
              "training PFLOP |", "|---|---:|---:|---:|---:|---:|"]
@@ -313,6 +405,8 @@ def markdown(rows: list[dict], floor: dict, n: int, seeds: list[int]) -> str:
     lines.append(f"| real vs real (floor, N={n}) | {rr['fid']:.2f} ± {rr['fid_boot_std']:.2f} | {rr['accuracy']:.3f} | "
                  "| | |")
     lines.append(f"| uniform noise | {nz['fid']:.1f} | | | | |")
+    for d in (diagnostics or {}).values():
+        lines.append(f"| *diagnostic:* {d['label']} | {d['fid']:.2f} ± {d['fid_spread']:.2f} | {d['accuracy']:.3f} | | | |")
     return "\n".join(lines)
 
 
