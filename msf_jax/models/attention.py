@@ -31,6 +31,7 @@ No TPU was available to time it; `attention="splash"` runs the padded kernel for
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -59,6 +60,26 @@ def splash_available() -> bool:
     return True
 
 
+# Set by `traced_as`: the backend and device count `attend` resolves for instead of this machine's.
+_TRACED_AS: tuple[str, int] | None = None
+
+
+@contextlib.contextmanager
+def traced_as(backend: str, device_count: int = 1):
+    """Trace `attend` as it would resolve on `backend` with `device_count` devices (default: one
+    device, i.e. one replica of a data-parallel mesh), for analysing another machine's program from
+    this one: the memory benchmark traces a TPU train step on a CPU to read the activations the
+    backward keeps (splash keeps q, k, v, its output and float32 row statistics, never (T, T)
+    weights). Off a TPU, splash then runs in Pallas interpret mode: trace (eval_shape, make_jaxpr)
+    under this context, do not time what it compiles to."""
+    global _TRACED_AS
+    previous, _TRACED_AS = _TRACED_AS, (backend, device_count)
+    try:
+        yield
+    finally:
+        _TRACED_AS = previous
+
+
 def context_mesh():
     """The mesh set around the current trace (an AbstractMesh), or None when there is none."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -74,6 +95,9 @@ def resolve(impl: str, *, dtype, seq_len: int, head_dim: int, backend: str | Non
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if _TRACED_AS is not None:
+        backend = backend or _TRACED_AS[0]
+        device_count = _TRACED_AS[1] if device_count is None else device_count
     backend = backend or jax.default_backend()
     device_count = jax.device_count() if device_count is None else device_count
     splash_ok = backend == "tpu" and splash_available()
