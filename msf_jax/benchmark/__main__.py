@@ -3,6 +3,7 @@
     python -m msf_jax.benchmark                                   # cpu preset, every section
     python -m msf_jax.benchmark --sections=train,sample --preset=gpu --json=$OUT/bench.json
     python -m msf_jax.benchmark --preset=gpu --tiny               # rehearse the GPU run on a CPU
+    python -m msf_jax.benchmark --sections=memory --preset=chips  # what fits per chip (configs/chips.py)
 
 Every comparison is measured in the same run: JAX vs PyTorch train step in alternating rounds, MSF
 vs DiT samplers on the same machine and batch. The JSON holds every figure and the machine.
@@ -26,7 +27,7 @@ SECTIONS = ("train", "sample", "memory", "input")
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m msf_jax.benchmark", description=__doc__.splitlines()[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
-    p.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny"))
+    p.add_argument("--preset", default="cpu", choices=("cpu", "gpu", "tiny", "chips"))
     p.add_argument("--tiny", action="store_true", help="the preset's code path with tiny models")
     p.add_argument("--json", default="benchmark.json", help="where the JSON results go: a local path or gs://... ('' = nowhere)")
     p.add_argument("--train_batch", type=int, default=0, help="override the train batch (0 = preset)")
@@ -36,6 +37,11 @@ def _parse(argv):
     p.add_argument("--no_torch", action="store_true", help="skip the PyTorch reference")
     p.add_argument("--sample_batch", type=int, default=0)
     p.add_argument("--memory_devices", type=int, default=-1, help="FSDP devices (-1 = preset)")
+    p.add_argument("--chips", default="", help="chips preset: comma list of chips (default: all of configs/chips.py)")
+    p.add_argument("--memory_configs", default="", help="chips preset: comma list of msf_256,msf_512,dit_xl2")
+    p.add_argument("--memory_compile", default="auto", choices=("auto", "yes", "no"),
+                   help="chips preset: XLA's memory analysis too (auto: off on a CPU, where it is a guide "
+                        "and takes about a minute per XL step; on an accelerator)")
     p.add_argument("--input_dir", default="", help="where the input section writes its data (default: tmp)")
     return p.parse_args(argv)
 
@@ -105,14 +111,40 @@ def _memory(args, preset):
     n = preset.memory_fsdp if args.memory_devices < 0 else args.memory_devices
     if jax.default_backend() == "cpu" and not os.environ.get("_MSF_BENCH_CHILD"):
         rows = _child_memory(args, n)
+    elif preset.memory_chips:
+        rows = _chips(args, preset)
     else:
         from msf_jax.benchmark.memory import bench_memory
 
         rows = bench_memory(preset.memory_models, fsdp_devices=min(n, jax.device_count()))
+    if preset.memory_chips:
+        from configs import chips
+
+        cols = ["chip", "config", "stage", "devices", "chip_batch", "remat", "chosen", "saved_gib", "state_gib",
+                "grads_gib", "block_gib", "plan_gib", "hbm_gib", "fits"]
+        if rows and "xla_peak_estimate_gib" in rows[0]:
+            cols += ["xla_argument_gib", "xla_temp_gib", "xla_peak_estimate_gib", "compile_s"]
+        print_table(f"per-chip train-step memory plan (GiB per chip; fits: plan_gib <= {chips.HEADROOM:g} x hbm_gib)",
+                    rows, cols)
+        return rows
     print_table("train-step memory (XLA memory analysis, GiB per device)", rows,
                 ["config", "global_batch", "devices", "remat", "saved_gib", "argument_gib", "temp_gib",
                  "peak_estimate_gib", "compile_s"])
     return rows
+
+
+def _chips(args, preset):
+    """The chip plan (preset `chips`): the per-chip variants of the paper configs, what fits."""
+    import jax
+
+    from configs import chips
+    from msf_jax.benchmark.memory import bench_chips
+
+    entries = [e for e in preset.memory_chips
+               if (not args.chips or e.chip in args.chips.split(","))
+               and (not args.memory_configs or e.config.split(":")[0] in args.memory_configs.split(","))]
+    compile_ = args.memory_compile == "yes" or (args.memory_compile == "auto" and jax.default_backend() != "cpu")
+    return bench_chips(entries, headroom=chips.HEADROOM, compile=compile_)
 
 
 def _child_memory(args, n):
@@ -125,7 +157,9 @@ def _child_memory(args, n):
         env = dict(os.environ, _MSF_BENCH_CHILD="1", JAX_PLATFORMS="cpu",
                    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}")
         cmd = [sys.executable, "-m", "msf_jax.benchmark", "--sections=memory", f"--preset={args.preset}",
-               f"--json={path}", f"--memory_devices={n}"] + (["--tiny"] if args.tiny else [])
+               f"--json={path}", f"--memory_devices={n}", f"--chips={args.chips}",
+               f"--memory_configs={args.memory_configs}", f"--memory_compile={args.memory_compile}"] + \
+            (["--tiny"] if args.tiny else [])
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         with open(path) as f:
             return json.load(f)["memory"]
@@ -151,6 +185,9 @@ def main(argv=None) -> dict:
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise SystemExit(f"unknown sections {sorted(unknown)}; valid: {SECTIONS}")
+    if args.preset == "chips" and sections != ["memory"]:
+        print("preset chips: the memory section only (the chip plan)", flush=True)
+        sections = ["memory"]
     from msf_jax.benchmark import presets
     from msf_jax.benchmark.common import machine
 

@@ -15,6 +15,23 @@ any device. Both rows measure it: the one-device row from the traced forward's r
 row from the partitioned program: the forward's VJP residuals compiled as outputs with the train
 step's input shardings, each residual counted at the per-device shard shape XLA's sharding
 propagation gives it (a residual it leaves replicated counts in full on every device).
+
+The chip plan (`bench_chips`, preset `chips`): each chip variant of the paper configs
+(configs/chips.py) at the batch one chip holds on its reference slice, with and without remat. The
+mesh is data-parallel, so a chip's program is the one-device program at that batch (plus the
+gradient all-reduce). `plan_gib` is derived, not compiled, from figures that hold on any backend:
+  state   the train state's arguments (params, EMA, AdamW moments, step, RNG) and the batch: exact;
+  grads   one float32 copy of the parameters: exact;
+  saved   the activations the forward keeps for the backward, traced as a TPU traces it
+          (`attention.traced_as("tpu")`: the splash kernel keeps q, k, v, its output and float32 row
+          statistics, no (T, T) weights; cuDNN's flash attention on an H100 keeps the same tensors);
+  block   one block's activations without remat (saved without remat / depth): the working set of
+          the backward of one block, which remat recomputes and any backward holds while it runs.
+What it leaves out (XLA's other temporaries, fragmentation, the runtime's own reservations) is what
+the headroom is for: a row `fits` when plan_gib <= configs.chips.HEADROOM x the chip's memory.
+With `compile`, each row also gets XLA's memory analysis of the compiled step on this backend (on a
+CPU, XLA:CPU's buffer assignment with einsum attention: a guide, as above; on the chip itself, the
+real figure).
 """
 
 from __future__ import annotations
@@ -29,6 +46,8 @@ from jax.sharding import Mesh
 
 from msf_jax.benchmark.common import compile_timed, memory_stats
 from msf_jax.benchmark.train_speed import StepSpec, TrainStep
+from msf_jax.models import attention
+from msf_jax.models.dit import DIT_CONFIGS
 from msf_jax.runtime import axes, sharding
 
 
@@ -129,4 +148,55 @@ def bench_memory(specs, *, fsdp_devices: int, remat_options=(False, True)) -> li
             rows.append(single_device(ts))
             if fsdp_devices > 1:
                 rows.append(fsdp(ts, fsdp_devices))
+    return rows
+
+
+def _gib(tree) -> float:
+    return float(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))) / 2**30
+
+
+def _depth(spec: StepSpec) -> int:
+    return DIT_CONFIGS[spec.name]["depth"] if spec.name in DIT_CONFIGS else spec.depth
+
+
+def chip_plan(spec: StepSpec, hbm_gib: float, headroom: float, block_gib: float | None = None) -> dict:
+    """The derived per-chip peak of `spec`'s train step (module docstring): state + grads + saved +
+    one block's working set (`block_gib`; default: this spec's own saved activations without remat
+    / depth), and whether it fits `headroom` x `hbm_gib`."""
+    ts = TrainStep(spec)
+    state = _gib(ts.abstract_state) + _gib(ts.abstract_batch())
+    grads = _gib(ts.abstract_state["params"])
+    with attention.traced_as("tpu"):
+        saved = saved_activation_gib(ts)
+        if block_gib is None:
+            free = saved if not spec.remat else saved_activation_gib(TrainStep(dataclasses.replace(spec, remat=False)))
+            block_gib = free / _depth(spec)
+    plan = state + grads + saved + block_gib
+    return dict(state_gib=state, grads_gib=grads, saved_gib=saved, block_gib=block_gib, plan_gib=plan,
+                hbm_gib=hbm_gib, plan_frac=plan / hbm_gib, fits="yes" if plan <= headroom * hbm_gib else "NO")
+
+
+def bench_chips(entries, *, headroom: float, compile: bool = False) -> list[dict]:
+    """Two rows per ChipEntry (presets.chip_entries): without remat and with the variant's policy;
+    `chosen` marks the one the variant sets. With `compile`, XLA's memory analysis of each distinct
+    step (one compile per distinct StepSpec)."""
+    rows, compiled_stats = [], {}
+    for e in entries:
+        free = None
+        for remat in (False, True):
+            spec = dataclasses.replace(e.spec, remat=remat)
+            row = dict(chip=e.chip, config=e.config, stage=e.stage, model=spec.label(), devices=e.devices,
+                       chip_batch=spec.batch, remat=spec.remat_policy if remat else "off",
+                       chosen="*" if remat == e.spec.remat else "")
+            row.update(chip_plan(spec, e.hbm_gib, headroom, block_gib=free))
+            if not remat:
+                free = row["block_gib"]
+            if compile:
+                if spec not in compiled_stats:
+                    ts = TrainStep(spec)
+                    compiled, secs = compile_timed(ts.jitted(), ts.abstract_state, *ts.abstract_batch())
+                    compiled_stats[spec] = dict(memory_stats(compiled) or {}, compile_s=secs,
+                                                backend=jax.default_backend())
+                row.update({f"xla_{k}" if k.endswith("_gib") else k: v for k, v in compiled_stats[spec].items()})
+            rows.append(row)
     return rows

@@ -1,5 +1,6 @@
-"""Benchmark sizes: `tiny` (CI smoke test), `cpu` (default: 2 CPU cores, < 10 minutes) and `gpu`
-(DiT-XL/2 and the paper-256 MSF on one accelerator). `--tiny` keeps a preset's code path (sections,
+"""Benchmark sizes: `tiny` (CI smoke test), `cpu` (default: 2 CPU cores, < 10 minutes), `gpu`
+(DiT-XL/2 and the paper-256 MSF on one accelerator) and `chips` (the memory plan of the per-chip
+variants of the paper configs, configs/chips.py: one row per chip, config and stage). `--tiny` keeps a preset's code path (sections,
 variants, dtypes) but swaps every model for a tiny one, so the GPU run can be rehearsed on a CPU.
 """
 
@@ -41,6 +42,7 @@ class Preset:
     input_image_size: int
     input_seconds: float = 3.0  # minimum reading time per reader
     input_workers: int = -1  # grain worker processes (-1 = configs/default.py's data.num_workers)
+    memory_chips: tuple = ()  # ChipEntry rows of the chip memory plan (chip_entries)
 
 
 def _tiny(spec: StepSpec, batch: int | None = None) -> StepSpec:
@@ -68,6 +70,12 @@ def get(name: str, *, tiny: bool = False) -> Preset:
                    sample_batch=32, sample_warmup=0, sample_iters=1, sample_guidance=1.5, scan_steps=0,
                    compile_steps=(), memory_models=(), memory_fsdp=0, input_examples=0,
                    input_image_size=256)
+    elif name == "chips":
+        p = Preset(train=[], train_steps=0, train_rounds=0, torch_ref=False, sample_models=(), sample_steps=(),
+                   sample_batch=0, sample_warmup=0, sample_iters=0, sample_guidance=1.5, scan_steps=0,
+                   compile_steps=(), memory_models=(), memory_fsdp=0, input_examples=0, input_image_size=0,
+                   memory_chips=tuple(chip_entries(tiny=tiny)))
+        return p
     elif name == "tiny":
         p = get("cpu", tiny=True)
         p.train_steps, p.train_rounds, p.sample_steps, p.sample_iters = 2, 2, (4, 4, 2), 1
@@ -76,10 +84,53 @@ def get(name: str, *, tiny: bool = False) -> Preset:
         p.memory_models = p.memory_models[:1]
         return p
     else:
-        raise ValueError(f"unknown preset {name!r}: one of cpu, gpu, tiny")
+        raise ValueError(f"unknown preset {name!r}: one of cpu, gpu, tiny, chips")
     if tiny:
         p.train = [_tiny(s) for s in p.train]
         p.sample_models = tuple(_tiny(s) for s in p.sample_models)
         p.memory_models = tuple(_tiny(s, batch=8) for s in p.memory_models)
         p.sample_batch = 4
     return p
+
+
+CHIP_CONFIGS = ("msf_256", "msf_512", "dit_xl2")  # the paper configs that have chip variants
+
+
+@dataclasses.dataclass(frozen=True)
+class ChipEntry:
+    """One stage of a config's chip variant, at the per-chip batch of the chip's reference slice."""
+
+    chip: str
+    config: str  # "msf_256:v5p"
+    stage: str  # "base" | "residual" | "dit"
+    hbm_gib: float
+    devices: int  # chips in the reference slice
+    spec: StepSpec  # batch = examples per chip; remat, policy, dtypes as the variant sets them
+
+
+def chip_entries(chips=None, configs=CHIP_CONFIGS, *, tiny: bool = False) -> list[ChipEntry]:
+    """The StepSpecs that `configs/<config>.py:<chip>` trains, read from the config files themselves
+    (model, latent grid of each stage, dtypes, remat), at global batch / reference-slice chips."""
+    import importlib
+
+    from configs import chips as chip_table
+
+    out = []
+    for chip in chips or tuple(chip_table.CHIPS):
+        info = chip_table.CHIPS[chip]
+        for name in configs:
+            c = importlib.import_module(f"configs.{name}").get_config(chip)
+            latent = c.data.image_size // 8  # SD-VAE latents, 4 channels
+            stages = ("dit",) if c.stage == "dit" else ("base", "residual")
+            for stage in stages:
+                m = c[stage].model
+                size = latent // c.factorizer.factor if stage == "base" else latent
+                spec = StepSpec(name=m.name, input_size=size, channels=4, num_classes=c.data.num_classes,
+                                stage=stage, batch=c.train.batch_size // info["devices"],
+                                dtype=c.train.compute_dtype, remat=c.train.remat, remat_policy=m.remat_policy,
+                                stream_dtype=m.stream_dtype)
+                if tiny:
+                    spec = _tiny(spec, batch=2)
+                out.append(ChipEntry(chip=chip, config=f"{name}:{chip}", stage=stage, hbm_gib=info["hbm_gib"],
+                                     devices=info["devices"], spec=spec))
+    return out
