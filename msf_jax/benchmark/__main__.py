@@ -38,6 +38,8 @@ def _parse(argv):
     p.add_argument("--sample_batch", type=int, default=0)
     p.add_argument("--memory_devices", type=int, default=-1, help="FSDP devices (-1 = preset)")
     p.add_argument("--chips", default="", help="chips preset: comma list of chips (default: all of configs/chips.py)")
+    p.add_argument("--chip_devices", type=int, default=0,
+                   help="chips preset: plan for slices of this many chips (0 = each chip's reference slice)")
     p.add_argument("--memory_configs", default="", help="chips preset: comma list of msf_256,msf_512,dit_xl2")
     p.add_argument("--memory_compile", default="auto", choices=("auto", "yes", "no"),
                    help="chips preset: XLA's memory analysis too (auto: off on a CPU, where it is a guide "
@@ -140,7 +142,12 @@ def _chips(args, preset):
     from configs import chips
     from msf_jax.benchmark.memory import bench_chips
 
-    entries = [e for e in preset.memory_chips
+    from msf_jax.benchmark import presets
+
+    entries = preset.memory_chips
+    if args.chip_devices:
+        entries = presets.chip_entries(tiny=args.tiny, devices=args.chip_devices)
+    entries = [e for e in entries
                if (not args.chips or e.chip in args.chips.split(","))
                and (not args.memory_configs or e.config.split(":")[0] in args.memory_configs.split(","))]
     compile_ = args.memory_compile == "yes" or (args.memory_compile == "auto" and jax.default_backend() != "cpu")
@@ -158,7 +165,8 @@ def _child_memory(args, n):
                    XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}")
         cmd = [sys.executable, "-m", "msf_jax.benchmark", "--sections=memory", f"--preset={args.preset}",
                f"--json={path}", f"--memory_devices={n}", f"--chips={args.chips}",
-               f"--memory_configs={args.memory_configs}", f"--memory_compile={args.memory_compile}"] + \
+               f"--memory_configs={args.memory_configs}", f"--memory_compile={args.memory_compile}",
+               f"--chip_devices={args.chip_devices}"] + \
             (["--tiny"] if args.tiny else [])
         subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
         with open(path) as f:

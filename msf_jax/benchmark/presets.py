@@ -108,16 +108,18 @@ class ChipEntry:
     spec: StepSpec  # batch = examples per chip; remat, policy, dtypes as the variant sets them
 
 
-def chip_entries(chips=None, configs=CHIP_CONFIGS, *, tiny: bool = False) -> list[ChipEntry]:
+def chip_entries(chips=None, configs=CHIP_CONFIGS, *, tiny: bool = False, devices: int = 0) -> list[ChipEntry]:
     """The StepSpecs that `configs/<config>.py:<chip>` trains, read from the config files themselves
-    (model, latent grid of each stage, dtypes, remat), at global batch / reference-slice chips."""
+    (model, latent grid of each stage, dtypes, remat), at global batch / chips of the reference slice
+    (or of `devices` chips: another slice with the same settings)."""
     import importlib
 
     from configs import chips as chip_table
 
     out = []
     for chip in chips or tuple(chip_table.CHIPS):
-        info = chip_table.CHIPS[chip]
+        info = dict(chip_table.CHIPS[chip])
+        info["devices"] = devices or info["devices"]
         for name in configs:
             c = importlib.import_module(f"configs.{name}").get_config(chip)
             latent = c.data.image_size // 8  # SD-VAE latents, 4 channels
@@ -126,7 +128,7 @@ def chip_entries(chips=None, configs=CHIP_CONFIGS, *, tiny: bool = False) -> lis
                 m = c[stage].model
                 size = latent // c.factorizer.factor if stage == "base" else latent
                 spec = StepSpec(name=m.name, input_size=size, channels=4, num_classes=c.data.num_classes,
-                                stage=stage, batch=c.train.batch_size // info["devices"],
+                                stage=stage, batch=chip_table.per_chip_batch(chip, info["devices"]),
                                 dtype=c.train.compute_dtype, remat=c.train.remat, remat_policy=m.remat_policy,
                                 stream_dtype=m.stream_dtype)
                 if tiny:
