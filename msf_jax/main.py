@@ -174,7 +174,9 @@ Modes:
 
 CONFIG is a config file: configs/default.py (MSF, ImageNet 256 latents), configs/msf_256.py,
 configs/msf_512.py, configs/dit_xl2.py (single-stage DiT baseline), configs/demo.py; configs/... is
-found in the current directory or else in the installed `configs` package. Any field can be
+found in the current directory or else in the installed `configs` package. The paper configs take a
+chip: configs/msf_256.py:v5p (or :v6e, :h100) trains in bf16 with the settings planned for that chip
+(configs/chips.py). Any field can be
 overridden, e.g. --config.train.batch_size=64 --config.sample.base_checkpoint=runs/base.
 
 Flags:

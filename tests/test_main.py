@@ -117,6 +117,7 @@ def test_help_shows_the_modes_and_flags(tmp_path):
 def test_configs_parse_without_jax_or_flax(tmp_path):
     code = ("from configs import default, demo, dit_xl2, msf_256, msf_512\n"
             "for m in (default, demo, dit_xl2, msf_256, msf_512): m.get_config()\n"
+            "for m in (dit_xl2, msf_256, msf_512): m.get_config('v6e')  # chip variants (configs/chips.py)\n"
             "print([m for m in ('jax', 'flax') if m in sys.modules])")
     r = _cli([], tmp_path, code=code)
     assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
