@@ -43,6 +43,9 @@ def get_config(variant: str = ""):
     config.quality = ml_collections.ConfigDict(dict(
         seeds="0",  # training seeds (comma list): each seed trains every model anew
         dit_steps_factor=2.0,  # DiT steps = factor x train.num_steps (MSF: num_steps per stage)
+        # MSF's 2 x train.num_steps steps split between its stages (both cost the same per step here):
+        # the base trains 2 x num_steps x share, the residual the rest.
+        base_step_share=0.5,
         num_samples=1000,  # samples per setting, and held-out real images for the floor
         bootstrap=20,  # bootstrap resamples of the samples for each setting's spread
         # Sampler settings "sampler:steps[:final]" per stage; MSF as "base_steps+residual_steps".

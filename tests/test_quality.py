@@ -48,7 +48,8 @@ def test_quality_quick_writes_table(tmp_path):
     # Full Heun evaluates the model once more than the Euler-ended sampler (the correction at t = 0).
     assert rows["msf_heun2+2_heun_g2"]["calls_per_image"] == rows["msf_heun2+2_euler_g2"]["calls_per_image"] + 4
     # Equal training FLOPs by construction: the DiT trains dit_steps_factor x the steps of each MSF stage.
-    assert out["train_steps"]["dit"] == 2 * out["train_steps"]["msf_per_stage"]
+    steps = out["train_steps"]
+    assert steps["dit"] == steps["base"] + steps["residual"] and steps["base"] == steps["residual"]
     floor = out["floor"]
     assert floor["real_vs_real"]["fid"] < floor["noise_vs_real"]["fid"]
     # Which stage limits quality: the residual stage on real bases, the base stage alone vs real bases.
@@ -78,6 +79,18 @@ def test_quality_needs_enough_images(tmp_path):
     config.data.num_classes = 3
     with pytest.raises(ValueError, match="at least 3 x quality.num_samples"):
         quality.run_quality(config, str(tmp_path / "run"))
+
+
+def test_training_steps_split_between_msf_stages():
+    config = quality_config.get_config()
+    config.train.num_steps = 1000
+    assert [quality.stage_steps(config, s) for s in ("base", "residual", "dit")] == [1000, 1000, 2000]
+    assert quality.budget_key(config) == "steps1000"
+    config.quality.base_step_share = 0.75  # the base gets 3/4 of MSF's steps; the DiT's are unchanged
+    assert [quality.stage_steps(config, s) for s in ("base", "residual", "dit")] == [1500, 500, 2000]
+    assert quality.budget_key(config) == "steps1000_base0.75"  # other models: their scores are kept apart
+    cfg = quality.seed_config(config, 0, "residual", "")
+    assert cfg.train.num_steps == cfg.train.checkpoint_every == 500
 
 
 def test_parse_settings():

@@ -143,10 +143,26 @@ def seed_config(config, seed: int, stage: str, stats_path: str):
     with cfg.unlocked():
         cfg.seed, cfg.stage = seed, stage
         cfg.factorizer.stats_path = stats_path
-        if stage == "dit":
-            cfg.train.num_steps = int(round(config.train.num_steps * config.quality.dit_steps_factor))
+        cfg.train.num_steps = stage_steps(config, stage)
+        if cfg.train.num_steps != config.train.num_steps:
             cfg.train.checkpoint_every = cfg.train.num_steps
     return cfg
+
+
+def stage_steps(config, stage: str) -> int:
+    """Training steps of a model: the DiT dit_steps_factor x train.num_steps; MSF's 2 x train.num_steps
+    split between its stages by quality.base_step_share (0.5: train.num_steps each)."""
+    q, n = config.quality, config.train.num_steps
+    if stage == "dit":
+        return int(round(n * q.dit_steps_factor))
+    share = float(q.base_step_share) if stage == "base" else 1.0 - float(q.base_step_share)
+    return int(round(2 * n * share))
+
+
+def budget_key(config) -> str:
+    """The training budget a score belongs to (raising it resumes the models: old scores are stale)."""
+    share = float(config.quality.base_step_share)
+    return f"steps{config.train.num_steps}" + ("" if share == 0.5 else f"_base{share:g}")
 
 
 def train_models(config, workdir: str, seed: int, families=("msf", "dit")) -> tuple[dict, dict, object]:
@@ -332,7 +348,7 @@ def run_quality(config, workdir: str) -> dict:
         for setting in settings:
             # Keyed by the training budget too: raising train.num_steps resumes the models, and
             # their old scores must not be reused.
-            path = paths.join(workdir, f"seed{seed}", "scores", f"steps{config.train.num_steps}", f"{setting.id}.json")
+            path = paths.join(workdir, f"seed{seed}", "scores", budget_key(config), f"{setting.id}.json")
             if paths.is_committed(path):
                 per_seed[setting.id].append(paths.read_json(path))
                 continue
@@ -351,7 +367,7 @@ def run_quality(config, workdir: str) -> dict:
         if q.diagnostics and msf:
             for name, result in stage_diagnostics(config, msf[0], models, factorizer, scorer, rest, hold, seed,
                                                   paths.join(workdir, f"seed{seed}", "scores",
-                                                             f"steps{config.train.num_steps}")).items():
+                                                             budget_key(config))).items():
                 diagnostics.setdefault(name, []).append(result)
 
     msf_train = sum(train_flops.get(s, 0.0) for s in STAGES_MSF)
@@ -364,8 +380,8 @@ def run_quality(config, workdir: str) -> dict:
                         "accuracy": float(np.mean([r["accuracy"] for r in res])), "label": res[0]["label"]}
                  for name, res in diagnostics.items()}
     extra = {"floor": floor, "diagnostics": diag_rows, "seeds": seeds, "num_samples": n, "folder": config.data.folder,
-             "train_flops": train_flops, "train_steps": {"msf_per_stage": int(config.train.num_steps),
-                                                         "dit": int(round(config.train.num_steps * q.dit_steps_factor))}}
+             "train_flops": train_flops, "train_steps": {stage: stage_steps(config, stage)
+                                                         for stage in STAGES_MSF + ("dit",)}}
     frontier.write_table(rows, paths.join(workdir, "quality.csv"), paths.join(workdir, "quality.json"), extra)
     table = markdown(rows, floor, n, seeds, diag_rows)
     paths.write_committed_text(paths.join(workdir, "quality.md"), table + "\n")
