@@ -66,6 +66,20 @@ def test_quality_quick_writes_table(tmp_path):
     saved = json.load(open(os.path.join(workdir, "quality.json")))
     assert len(saved["rows"]) == 3 and saved["seeds"] == [0]
 
+    # Paired comparison: every setting keeps its samples' features; a setting against itself differs by
+    # exactly 0, and the difference of two (MSF vs DiT) is the difference of their FIDs.
+    from msf_jax.metrics.features import FeatureStats
+
+    ref = FeatureStats.load(os.path.join(workdir, "reference_stats.npz"))
+    feats = {k: np.load(os.path.join(workdir, "seed0", "scores", "steps4", f"{k}.features.npy"))
+             for k in ("msf_heun2+2_euler_g2", "dit_heun2_euler_g2")}
+    same = quality.paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["msf_heun2+2_euler_g2"], ref, 5)
+    assert same["diff"] == 0 and same["diff_std"] == 0
+    pair = quality.paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["dit_heun2_euler_g2"], ref, 5)
+    np.testing.assert_allclose(pair["diff"], rows["dit_heun2_euler_g2"]["fid"] - rows["msf_heun2+2_euler_g2"]["fid"],
+                               rtol=1e-4, atol=1e-4)
+    assert pair["diff_std"] > 0 and 0 <= pair["p_b_better"] <= 1
+
     # A rerun reuses the classifier, the trained models and every committed score (same table).
     again = quality.run_quality(config, workdir)
     assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in out["rows"]]

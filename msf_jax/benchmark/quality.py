@@ -13,7 +13,9 @@ training FLOPs on the image folder, samples every sampler setting of `config.qua
   - cost: model FLOPs per image (analytic: model calls counted in the real sampler x the DiT's
     forward FLOPs, doubled when guided), and training FLOPs per model.
 Outputs in the workdir: quality.md (the table), quality.csv / quality.json, quality.png (FID vs
-sampling FLOPs, MSF and DiT, error bars = spread), grids/ (a sample grid per setting and seed).
+sampling FLOPs, MSF and DiT, error bars = spread), grids/ (a sample grid per setting and seed),
+reference_stats.npz and each setting's sample features (seed*/scores/.../*.features.npy) for paired
+comparisons between settings or runs (benchmarks/quality_paired.py, `paired_fid_difference`).
 """
 
 from __future__ import annotations
@@ -85,10 +87,15 @@ class Scorer:
         feats, _ = apply_batched(model, ref_images)
         self.ref = FeatureStats.from_features(feats)
 
-    def __call__(self, images: np.ndarray, labels: np.ndarray | None) -> dict:
+    def __call__(self, images: np.ndarray, labels: np.ndarray | None, features_out: str = "") -> dict:
+        """Scores; `features_out` also keeps the samples' features (.npy) for paired comparisons."""
         from msf_jax.metrics.features import FeatureStats
+        from msf_jax.runtime import paths
 
         feats, logits = self._apply(self.model, images)
+        if features_out:
+            with paths.committed(features_out) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(feats, np.float32))
         fid = FeatureStats.from_features(feats).frechet_distance(self.ref)
         rng = np.random.default_rng(self.seed)
         boot = [FeatureStats.from_features(feats[rng.integers(0, len(feats), len(feats))]).frechet_distance(self.ref)
@@ -99,6 +106,29 @@ class Scorer:
             out["accuracy"] = float(hits.mean())
             out["accuracy_std"] = float(np.sqrt(out["accuracy"] * (1 - out["accuracy"]) / len(hits)))
         return out
+
+
+def paired_fid_difference(features_a: np.ndarray, features_b: np.ndarray, ref, bootstrap: int = 200,
+                          seed: int = 0) -> dict:
+    """FID(b) - FID(a) against the reference statistics `ref`, with a paired bootstrap spread.
+
+    Sample i of a and of b share their label and noise (the benchmark samples indices 0..N-1 with the
+    same seed in every setting and run), so each bootstrap draw resamples the same indices for both:
+    the spread of the difference, which is smaller than either figure's own spread when the two
+    settings' samples are alike. Returns {"a", "b", "diff", "diff_std", "p_b_better"} (the fraction of
+    draws in which b scores lower)."""
+    from msf_jax.metrics.features import FeatureStats
+
+    if features_a.shape != features_b.shape:
+        raise ValueError(f"paired comparison needs the same samples: features {features_a.shape} vs {features_b.shape}")
+    fid = lambda f: FeatureStats.from_features(f).frechet_distance(ref)  # noqa: E731
+    a, b = fid(features_a), fid(features_b)
+    rng, n, diffs = np.random.default_rng(seed), len(features_a), []
+    for _ in range(int(bootstrap)):
+        idx = rng.integers(0, n, n)
+        diffs.append(fid(features_b[idx]) - fid(features_a[idx]))
+    diffs = np.asarray(diffs)
+    return {"a": a, "b": b, "diff": b - a, "diff_std": float(diffs.std()), "p_b_better": float(np.mean(diffs < 0))}
 
 
 def load_real(config, num_holdout: int, seed: int):
@@ -334,6 +364,7 @@ def run_quality(config, workdir: str) -> dict:
          f"reference; {n} held out for the floor")
     clf = get_classifier(config, workdir, rest["image"], rest["label"])
     scorer = Scorer(clf, rest["image"], q.bootstrap)
+    scorer.ref.save(paths.join(workdir, "reference_stats.npz"))  # for paired comparisons between runs
     noise = np.random.default_rng(config.seed).integers(0, 256, hold["image"].shape, dtype=np.uint8)
     floor = {"real_vs_real": scorer(hold["image"], hold["label"]), "noise_vs_real": scorer(noise, None)}
     _say(f"floor (N={n}): real-vs-real FID {floor['real_vs_real']['fid']:.2f} ± {floor['real_vs_real']['fid_boot_std']:.2f}, "
@@ -354,7 +385,8 @@ def run_quality(config, workdir: str) -> dict:
                 continue
             t0 = time.perf_counter()
             images, labels, flops, calls = sample_setting(config, setting, models, factorizer, n)
-            result = {"seed": seed, "train_steps": int(config.train.num_steps), **scorer(images, labels), "flops_per_image": flops, "calls_per_image": calls,
+            scores = scorer(images, labels, features_out=path[:-len(".json")] + ".features.npy")
+            result = {"seed": seed, "train_steps": int(config.train.num_steps), **scores, "flops_per_image": flops, "calls_per_image": calls,
                       "sample_s": time.perf_counter() - t0}
             grid = np.concatenate([images[labels == c][:8] for c in range(config.data.num_classes)])
             outputs.save_png(paths.join(workdir, "grids", f"seed{seed}_{setting.id}.png"),
