@@ -356,7 +356,8 @@ def run_quality(config, workdir: str) -> dict:
         raise ValueError("the quality benchmark needs an image folder: --folder=DIR (one subfolder per class)")
     paths.makedirs(workdir)
     seeds = [int(s) for s in str(q.seeds).split(",") if s.strip()]
-    settings = (parse_settings("msf", q.msf_settings, q.guidance) + parse_settings("dit", q.dit_settings, q.guidance))
+    settings = (parse_settings("msf", q.msf_settings, q.msf_guidance or q.guidance)
+                + parse_settings("dit", q.dit_settings, q.dit_guidance or q.guidance))
     n = int(q.num_samples)
 
     rest, hold = load_real(config, n, seed=config.seed + 1000)
