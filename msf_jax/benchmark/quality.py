@@ -275,7 +275,7 @@ def _to_pixels(images: np.ndarray) -> np.ndarray:
 
 def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer, scorer: Scorer, rest: dict,
                       hold: dict, seed: int, score_dir: str) -> dict[str, dict]:
-    """Two rows that tell which MSF stage limits the samples (pixel space; `setting`'s steps and guidance):
+    """Rows that tell which MSF stage limits the samples (pixel space; `setting`'s steps and guidance):
 
     - "oracle_base": the residual stage on the *real* bases of the held-out images (their labels),
       scored like the samples: MSF's quality if the base stage were perfect;
