@@ -140,9 +140,8 @@ def _chips(args, preset):
     import jax
 
     from configs import chips
-    from msf_jax.benchmark.memory import bench_chips
-
     from msf_jax.benchmark import presets
+    from msf_jax.benchmark.memory import bench_chips
 
     entries = preset.memory_chips
     if args.chip_devices:

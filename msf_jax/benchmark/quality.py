@@ -269,10 +269,6 @@ def sample_setting(config, setting: SamplerSetting, models: dict, factorizer, nu
 # ----------------------------------------------------------------------------------------------
 # Which MSF stage limits quality
 # ----------------------------------------------------------------------------------------------
-def _to_pixels(images: np.ndarray) -> np.ndarray:
-    return images.astype(np.float32) / 127.5 - 1.0  # uint8 (N,H,W,3) -> [-1, 1], as the input pipeline
-
-
 def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer, scorer: Scorer, rest: dict,
                       hold: dict, seed: int, score_dir: str) -> dict[str, dict]:
     """Rows that tell which MSF stage limits the samples (pixel space; `setting`'s steps and guidance):
@@ -286,6 +282,7 @@ def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer,
     import jax
 
     from msf_jax import pipeline, stages
+    from msf_jax.data.iterators import to_unit_range
     from msf_jax.runtime import paths
 
     if config.space != "pixel":
@@ -294,7 +291,7 @@ def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer,
     base_stage, residual_stage = stages.build_stages(cfg, factorizer)
     fns = {s.name: stages.model_function(models[s.name]) for s in (base_stage, residual_stage)}
     bs = int(cfg.sample.batch_size)
-    labels = hold["label"].astype(np.int32)
+    labels, held_out = hold["label"].astype(np.int32), to_unit_range(hold["image"])  # (N,H,W,3) in [-1, 1]
 
     @jax.jit
     def oracle(images, y, keys):  # real base -> residual stage -> image
@@ -327,13 +324,13 @@ def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer,
             out[name] = paths.read_json(path)
             continue
         if name == "oracle_base":
-            result = scorer(batched(oracle, _to_pixels(hold["image"]), labels), labels)
+            result = scorer(batched(oracle, held_out, labels), labels)
         else:
             if base_scorer is None:  # the real upsampled bases are the reference
-                base_scorer = Scorer(scorer.model, batched(real_base, _to_pixels(rest["image"]), keyed=False),
+                base_scorer = Scorer(scorer.model, batched(real_base, to_unit_range(rest["image"]), keyed=False),
                                      scorer.bootstrap)
             images = (batched(base_only, labels) if name == "base_only"
-                      else batched(real_base, _to_pixels(hold["image"]), keyed=False))
+                      else batched(real_base, held_out, keyed=False))
             result = base_scorer(images, labels)
         result.update(seed=seed, label=label)
         paths.write_committed_json(path, result)
