@@ -42,6 +42,9 @@ def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "
         ddim_eta=0.0,
         guidance_scale=guidance_scale,  # 1.0 disables classifier-free guidance
         guidance_channels=0,  # guide only the first k output channels (DiT: 3); 0 = all
+        # Guide only at noise levels in [lo, hi] (fractions: flow t, Gaussian t / T; 1 = pure noise);
+        # (0, 1) guides at every step. The guided batch is doubled at every step either way.
+        guidance_interval=(0.0, 1.0),
     ))
 
 

@@ -189,7 +189,8 @@ class Stage:
                                num_steps=int(cfg.num_sampling_steps), guidance_scale=scale,
                                guidance_channels=int(cfg.guidance_channels), null_class=self.num_classes,
                                cond=cond, cond_level=level, eta=float(cfg.ddim_eta),
-                               heun_final_step=cfg.heun_final_step)
+                               heun_final_step=cfg.heun_final_step,
+                               guidance_interval=tuple(cfg.get("guidance_interval", (0.0, 1.0))))
 
 
 # ---- construction ---------------------------------------------------------------------------------------

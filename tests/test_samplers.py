@@ -323,3 +323,34 @@ def test_heun_ends_with_euler_by_default():
     for cfg in (default.get_config(), demo.get_config(), quality.get_config()):
         for stage in ("base", "residual", "dit"):
             assert cfg[stage].heun_final_step == "euler", stage
+
+
+@pytest.mark.parametrize("process", [FlowMatching(), GaussianDiffusion.dit(1000, learn_sigma=False)],
+                         ids=["flow", "gaussian"])
+def test_guidance_interval(process):
+    """Guidance only at noise levels in [lo, hi]: each sample's step is the guided or the conditional
+    update by its own noise level, checked per step against a plain NumPy computation."""
+    base = toy_model(False)
+    x = jax.random.normal(jax.random.key(2), (4, 4, 4, 2))
+    y = jnp.array([1, 2, 3, 4])
+    t = jnp.array([0.1, 0.35, 0.6, 0.95]) * 1000.0  # model timesteps: noise fractions 0.1 ... 0.95
+    s, (lo, hi) = 3.0, (0.3, 0.7)
+    frac = np.asarray(t) / 1000.0
+    out = guided_model(base, s, null_class=10, interval=(lo, hi),
+                       noise_fraction=lambda tt: tt / 1000.0)(x, t, y, None, None)
+    cond, uncond = np.asarray(base(x, t, y, None, None)), np.asarray(base(x, t, jnp.full_like(y, 10), None, None))
+    scale = np.where((frac >= lo) & (frac <= hi), s, 1.0)[:, None, None, None]
+    np.testing.assert_allclose(np.asarray(out), uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="noise_fraction"):
+        guided_model(base, s, interval=(lo, hi))
+
+    # In the sampler: the full interval is plain guidance; an interval that holds no step's noise
+    # level gives the unguided sampler's result (same noise, same steps).
+    sampler = "euler" if isinstance(process, FlowMatching) else "ddim"
+    run = lambda scale, interval: np.asarray(sample(process, base, SHAPE, y, keys(4), sampler=sampler, num_steps=4,
+                                                    guidance_scale=scale, null_class=10,
+                                                    guidance_interval=interval))
+    np.testing.assert_array_equal(run(s, (0.0, 1.0)), run(s, None))
+    np.testing.assert_allclose(run(s, (0.05, 0.2)), run(1.0, None), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(run(s, (0.3, 0.7)), run(s, None), atol=1e-4)
+    assert not np.allclose(run(s, (0.3, 0.7)), run(1.0, None), atol=1e-4)

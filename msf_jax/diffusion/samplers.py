@@ -45,7 +45,20 @@ def _is_one(scale) -> bool:
     return isinstance(scale, (int, float, np.floating, np.integer)) and float(scale) == 1.0
 
 
-def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000):
+def noise_fraction_fn(process) -> Callable:
+    """Model timesteps (N,) -> noise level as a fraction in [0, 1] (1 = pure noise): flow t, or a
+    Gaussian process's original timestep index / T."""
+    if isinstance(process, FlowMatching):
+        return lambda t: jnp.asarray(t, jnp.float32) / process.time_scale
+    return lambda t: jnp.asarray(t, jnp.float32) / process.num_timesteps
+
+
+def _full_interval(interval) -> bool:
+    return interval is None or (float(interval[0]) <= 0.0 and float(interval[1]) >= 1.0)
+
+
+def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000,
+                 interval=None, noise_fraction: Callable | None = None):
     """Classifier-free guidance as a model function with the same signature.
 
     The batch is doubled to [cond; uncond] (uncond: label `null_class`; `cond`/`cond_level` images are
@@ -53,9 +66,16 @@ def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_
     `guidance_channels` channels (0: all C prediction channels); the remaining channels (DiT: the 4th
     latent channel; learned-sigma channels) come from the conditional half. Scale 1 returns
     `model_fn` itself (no doubling).
+
+    `interval` (lo, hi): guide only where the noise level `noise_fraction(t)` lies in [lo, hi] and
+    use the conditional prediction elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a
+    limited interval"); None or (0, 1) guides everywhere. The batch is still doubled at every step.
     """
     if _is_one(guidance_scale):
         return model_fn
+    limited = not _full_interval(interval)
+    if limited and noise_fraction is None:
+        raise ValueError("guided_model: a guidance interval needs noise_fraction")
 
     def fn(x, t, y, cond=None, cond_level=None):
         n, c = x.shape[0], x.shape[-1]
@@ -66,7 +86,12 @@ def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_
         y2 = jnp.concatenate([y, jnp.full_like(y, null_class)], axis=0)
         out = model_fn(dup(x), dup(t), y2, dup(cond), dup(cond_level))
         c_out, u_out = out[:n], out[n:]
-        guided = u_out[..., :k] + guidance_scale * (c_out[..., :k] - u_out[..., :k])
+        scale = guidance_scale
+        if limited:
+            frac = noise_fraction(t)
+            inside = (frac >= float(interval[0])) & (frac <= float(interval[1]))
+            scale = _bcast(jnp.where(inside, guidance_scale, 1.0), x)
+        guided = u_out[..., :k] + scale * (c_out[..., :k] - u_out[..., :k])
         return jnp.concatenate([guided.astype(c_out.dtype), c_out[..., k:]], axis=-1)
 
     return fn
@@ -180,14 +205,14 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_fina
 # ---------------------------------------------------------------------------------------------------
 def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
            guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-           cond_level=None, eta: float = 0.0, heun_final_step: str = "euler"):
+           cond_level=None, eta: float = 0.0, heun_final_step: str = "euler", guidance_interval=None):
     """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun").
 
     model_fn(x, t, y, cond, cond_level) -> out (see msf_jax.diffusion). `labels` (N,) int; `cond` an
     (N, h, w, c) conditioning image or None; `cond_level` None, a scalar or (N,) passed to the model
     as (N,) float32. A Gaussian process is respaced to `num_steps` (DiT: `create_diffusion(str(K))`).
     `guidance_scale` may be a traced scalar (then the batch is always doubled); a Python 1.0 disables
-    guidance. `heun_final_step`: see `make_plan`.
+    guidance. `heun_final_step`: see `make_plan`; `guidance_interval`: see `guided_model`.
     """
     labels = jnp.asarray(labels, jnp.int32)
     n = labels.shape[0]
@@ -196,7 +221,8 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
     if cond_level is not None:
         cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (n,))
     plan = make_plan(process, sampler, num_steps, eta, heun_final_step)
-    model = guided_model(model_fn, guidance_scale, guidance_channels, null_class)
+    model = guided_model(model_fn, guidance_scale, guidance_channels, null_class, guidance_interval,
+                         noise_fraction_fn(process))
     x = initial_noise(sample_keys, shape_hwc)
 
     def body(x, xs_i):
@@ -208,13 +234,14 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
 
 def sample_loop(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
                 guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-                cond_level=None, eta: float = 0.0, heun_final_step: str = "euler"):
+                cond_level=None, eta: float = 0.0, heun_final_step: str = "euler", guidance_interval=None):
     """`sample` with a plain Python loop over the same step function (for tests and debugging)."""
     labels = jnp.asarray(labels, jnp.int32)
     if cond_level is not None:
         cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (labels.shape[0],))
     plan = make_plan(process, sampler, num_steps, eta, heun_final_step)
-    model = guided_model(model_fn, guidance_scale, guidance_channels, null_class)
+    model = guided_model(model_fn, guidance_scale, guidance_channels, null_class, guidance_interval,
+                         noise_fraction_fn(process))
     x = initial_noise(sample_keys, shape_hwc)
     for j in range(plan.num_steps):
         x = plan.step(model, x, jax.tree.map(lambda a: a[j], plan.xs), sample_keys, labels, cond, cond_level)
