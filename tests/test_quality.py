@@ -131,3 +131,27 @@ def test_classifier_learns_and_round_trips(tmp_path):
     loaded, meta = classifier.load_classifier(path)
     np.testing.assert_allclose(classifier.apply_batched(loaded, images)[0], feats, rtol=1e-6, atol=1e-6)
     assert meta["widths"] == [8, 16]
+
+
+def test_per_stage_guidance_and_score_keys(tmp_path):
+    """'3/1' guides the base at 3 and samples the residual unguided; a changed sampling field that no
+    setting decides (here the guidance interval) scores into another directory, a changed DiT field
+    leaves MSF's scores where they are."""
+    s = quality.parse_settings("msf", "heun:6+3", "3,3/1")
+    assert [x.id for x in s] == ["msf_heun6+3_euler_g3", "msf_heun6+3_euler_g3-1"]
+    assert s[1].label == "MSF heun 6+3 Euler-end g3/1"
+    cfg = quality.setting_config(quality_config.get_config(), s[1])
+    assert (cfg.base.guidance_scale, cfg.residual.guidance_scale, cfg.residual.num_sampling_steps) == (3.0, 1.0, 3)
+    with pytest.raises(ValueError, match="one scale or 2"):
+        quality.parse_settings("msf", "heun:6+6", "3/2/1")
+    assert quality.parse_settings("dit", "heun:12", "2")[0].guidance == (2.0,)
+
+    config = quality_config.get_config()
+    msf, dit = (quality.score_dir(config, str(tmp_path), 0, f) for f in ("msf", "dit"))
+    assert msf != dit and "steps3000" in msf
+    config.quality.msf_settings = "euler:2+2"  # settings decide these fields: same directory
+    config.base.num_sampling_steps, config.residual.guidance_scale = 40, 7.0
+    assert quality.score_dir(config, str(tmp_path), 0, "msf") == msf
+    config.residual.guidance_interval = (0.2, 0.8)
+    assert quality.score_dir(config, str(tmp_path), 0, "msf") != msf
+    assert quality.score_dir(config, str(tmp_path), 0, "dit") == dit

@@ -14,7 +14,7 @@ training FLOPs on the image folder, samples every sampler setting of `config.qua
     forward FLOPs, doubled when guided), and training FLOPs per model.
 Outputs in the workdir: quality.md (the table), quality.csv / quality.json, quality.png (FID vs
 sampling FLOPs, MSF and DiT, error bars = spread), grids/ (a sample grid per setting and seed),
-reference_stats.npz and each setting's sample features (seed*/scores/.../*.features.npy) for paired
+reference_stats.npz and each setting's sample features (seed*/scores/<budget>/<spec hash>/*.features.npy) for paired
 comparisons between settings or runs (benchmarks/quality_paired.py, `paired_fid_difference`).
 """
 
@@ -38,21 +38,39 @@ class SamplerSetting:
     sampler: str
     steps: tuple[int, ...]  # (base, residual) or (dit,)
     final: str  # heun_final_step: "euler" | "heun"
-    guidance: float
+    guidance: tuple[float, ...]  # per stage, as steps
+
+    @property
+    def guidance_text(self) -> str:
+        """'3' when every stage has the same scale, else per stage: '3/1'."""
+        return "/".join(f"{g:g}" for g in (self.guidance[:1] if len(set(self.guidance)) == 1 else self.guidance))
 
     @property
     def id(self) -> str:
-        return f"{self.family}_{self.sampler}{'+'.join(map(str, self.steps))}_{self.final}_g{self.guidance:g}"
+        return (f"{self.family}_{self.sampler}{'+'.join(map(str, self.steps))}_{self.final}"
+                f"_g{self.guidance_text.replace('/', '-')}")
 
     @property
     def label(self) -> str:
         name = "MSF" if self.family == "msf" else "DiT"
         end = "" if self.sampler != "heun" else (" Euler-end" if self.final == "euler" else " full Heun")
-        return f"{name} {self.sampler} {'+'.join(map(str, self.steps))}{end} g{self.guidance:g}"
+        return f"{name} {self.sampler} {'+'.join(map(str, self.steps))}{end} g{self.guidance_text}"
+
+
+def parse_guidance(text: str, stages: int) -> list[tuple[float, ...]]:
+    """'2,3,3/1' -> [(2, 2), (3, 3), (3, 1)] for two stages: a scale for every stage, or one per stage
+    joined by '/' (MSF: base/residual; 1 samples that stage without guidance)."""
+    out = []
+    for item in (v.strip() for v in str(text).split(",") if v.strip()):
+        scales = tuple(float(v) for v in item.split("/"))
+        if len(scales) not in (1, stages):
+            raise ValueError(f"quality guidance: {item!r} needs one scale or {stages} joined by '/'")
+        out.append(scales * stages if len(scales) == 1 else scales)
+    return out
 
 
 def parse_settings(family: str, text: str, guidances: str) -> list[SamplerSetting]:
-    """'heun:6+6:euler,heun:12+6' x guidance list -> settings (final defaults to euler)."""
+    """'heun:6+6:euler,heun:12+6' x guidance list ('2,3/1') -> settings (final defaults to euler)."""
     out = []
     for item in (s.strip() for s in text.split(",") if s.strip()):
         parts = item.split(":")
@@ -63,7 +81,7 @@ def parse_settings(family: str, text: str, guidances: str) -> list[SamplerSettin
             raise ValueError(f"quality settings: {item!r} needs {'base+residual' if family == 'msf' else 'one'} "
                              "step count(s) >= 1")
         final = parts[2] if len(parts) == 3 else "euler"
-        for g in (float(v) for v in str(guidances).split(",") if v.strip()):
+        for g in parse_guidance(guidances, len(steps)):
             out.append(SamplerSetting(family, parts[0], steps, final, g))
     return out
 
@@ -195,6 +213,30 @@ def budget_key(config) -> str:
     return f"steps{config.train.num_steps}" + ("" if share == 0.5 else f"_base{share:g}")
 
 
+SETTING_FIELDS = ("sampler", "num_sampling_steps", "guidance_scale", "heun_final_step")  # what a setting decides
+
+
+def score_dir(config, workdir: str, seed: int, family: str) -> str:
+    """Where one seed's scores of a family ("msf" | "dit") go: keyed by the training budget
+    (`budget_key`) and by a hash of every other field the family's samples depend on
+    (`run_spec.sampling_spec` without the other family's stages and what each setting decides), so a
+    changed guidance interval, conditioning level or model never reuses old scores."""
+    import hashlib
+    import json
+
+    from msf_jax.jobs import run_spec
+    from msf_jax.runtime import paths
+
+    spec = run_spec.sampling_spec(config)
+    for name in run_spec.stage_sections(spec):
+        if (name == "dit") != (family == "dit"):
+            del spec[name]
+        else:
+            spec[name] = {k: v for k, v in spec[name].items() if k not in SETTING_FIELDS}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
+    return paths.join(workdir, f"seed{seed}", "scores", budget_key(config), digest)
+
+
 def train_models(config, workdir: str, seed: int, families=("msf", "dit")) -> tuple[dict, dict, object]:
     """({stage: EMA model}, {stage: training FLOPs}, factorizer) for one seed (resumes / reuses); only
     the models of `families` ("msf": base + residual, "dit") are trained."""
@@ -228,9 +270,9 @@ def setting_config(config, setting: SamplerSetting):
     cfg = config.copy_and_resolve_references()
     names = STAGES_MSF if setting.family == "msf" else ("dit",)
     with cfg.unlocked():
-        for name, steps in zip(names, setting.steps):
+        for name, steps, scale in zip(names, setting.steps, setting.guidance):
             cfg[name].sampler, cfg[name].num_sampling_steps = setting.sampler, steps
-            cfg[name].heun_final_step, cfg[name].guidance_scale = setting.final, setting.guidance
+            cfg[name].heun_final_step, cfg[name].guidance_scale = setting.final, scale
     return cfg
 
 
@@ -375,9 +417,9 @@ def run_quality(config, workdir: str) -> dict:
     for seed in seeds:
         models, train_flops, factorizer = train_models(config, workdir, seed, families)
         for setting in settings:
-            # Keyed by the training budget too: raising train.num_steps resumes the models, and
-            # their old scores must not be reused.
-            path = paths.join(workdir, f"seed{seed}", "scores", budget_key(config), f"{setting.id}.json")
+            # Keyed by the training budget and the sampling spec (score_dir): raising train.num_steps
+            # resumes the models, and their old scores must not be reused.
+            path = paths.join(score_dir(config, workdir, seed, setting.family), f"{setting.id}.json")
             if paths.is_committed(path):
                 per_seed[setting.id].append(paths.read_json(path))
                 continue
@@ -396,8 +438,7 @@ def run_quality(config, workdir: str) -> dict:
         msf = [s for s in settings if s.family == "msf"]
         if q.diagnostics and msf:
             for name, result in stage_diagnostics(config, msf[0], models, factorizer, scorer, rest, hold, seed,
-                                                  paths.join(workdir, f"seed{seed}", "scores",
-                                                             budget_key(config))).items():
+                                                  score_dir(config, workdir, seed, "msf")).items():
                 diagnostics.setdefault(name, []).append(result)
 
     msf_train = sum(train_flops.get(s, 0.0) for s in STAGES_MSF)
