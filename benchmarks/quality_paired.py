@@ -1,8 +1,8 @@
 """Paired comparison of two quality-benchmark settings or runs: the FID difference and its spread.
 
     python benchmarks/quality_paired.py --reference=runs/a/reference_stats.npz \
-        runs/a/seed0/scores/steps1000/msf_heun6+6_euler_g2.features.npy \
-        runs/b/seed0/scores/steps1000/msf_heun6+6_euler_g2.features.npy
+        runs/a/seed0/scores/steps1000/<hash>/msf_heun6+3_euler_g3.features.npy \
+        runs/b/seed0/scores/steps1000/<hash>/msf_heun6+3_euler_g3.features.npy
 
 Both files must hold the same sample indices (every run of `python -m msf_jax.benchmark.quality`
 samples 0..N-1 with the same labels and noise seed), and both runs the same classifier and reference

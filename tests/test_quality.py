@@ -71,7 +71,7 @@ def test_quality_quick_writes_table(tmp_path):
     from msf_jax.metrics.features import FeatureStats
 
     ref = FeatureStats.load(os.path.join(workdir, "reference_stats.npz"))
-    feats = {k: np.load(os.path.join(workdir, "seed0", "scores", "steps4", f"{k}.features.npy"))
+    feats = {k: np.load(os.path.join(quality.score_dir(config, workdir, 0, k[:3]), f"{k}.features.npy"))
              for k in ("msf_heun2+2_euler_g3", "dit_heun2_euler_g2")}
     same = quality.paired_fid_difference(feats["msf_heun2+2_euler_g3"], feats["msf_heun2+2_euler_g3"], ref, 5)
     assert same["diff"] == 0 and same["diff_std"] == 0
