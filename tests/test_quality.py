@@ -41,12 +41,12 @@ def test_quality_quick_writes_table(tmp_path):
     out = quality.run_quality(config, workdir)
 
     rows = {r["id"]: r for r in out["rows"]}
-    assert set(rows) == {"msf_heun2+2_euler_g3", "msf_heun2+2_heun_g3", "dit_heun2_euler_g2"}
+    assert set(rows) == {"msf_heun2+2_euler_g2", "msf_heun2+2_heun_g2", "dit_heun2_euler_g2"}
     for r in rows.values():
         for key in ("fid", "fid_spread", "accuracy", "flops_per_image", "train_flops"):
             assert np.isfinite(r[key]) and r[key] >= 0, (r["id"], key)
     # Full Heun evaluates the model once more than the Euler-ended sampler (the correction at t = 0).
-    assert rows["msf_heun2+2_heun_g3"]["calls_per_image"] == rows["msf_heun2+2_euler_g3"]["calls_per_image"] + 4
+    assert rows["msf_heun2+2_heun_g2"]["calls_per_image"] == rows["msf_heun2+2_euler_g2"]["calls_per_image"] + 4
     # Equal training FLOPs by construction: the DiT trains dit_steps_factor x the steps of each MSF stage.
     steps = out["train_steps"]
     assert steps["dit"] == steps["base"] + steps["residual"] and steps["base"] == steps["residual"]
@@ -61,7 +61,7 @@ def test_quality_quick_writes_table(tmp_path):
     for name in ("quality.md", "quality.csv", "quality.json", "quality.png", "classifier.npz"):
         assert os.path.exists(os.path.join(workdir, name)), name
     table = open(os.path.join(workdir, "quality.md")).read()
-    assert "real vs real (floor, N=16)" in table and "| MSF heun 2+2 Euler-end g3 |" in table
+    assert "real vs real (floor, N=16)" in table and "| MSF heun 2+2 Euler-end g2 |" in table
     assert "*diagnostic:* MSF residual stage on real bases" in table
     saved = json.load(open(os.path.join(workdir, "quality.json")))
     assert len(saved["rows"]) == 3 and saved["seeds"] == [0]
@@ -72,11 +72,11 @@ def test_quality_quick_writes_table(tmp_path):
 
     ref = FeatureStats.load(os.path.join(workdir, "reference_stats.npz"))
     feats = {k: np.load(os.path.join(quality.score_dir(config, workdir, 0, k[:3]), f"{k}.features.npy"))
-             for k in ("msf_heun2+2_euler_g3", "dit_heun2_euler_g2")}
-    same = quality.paired_fid_difference(feats["msf_heun2+2_euler_g3"], feats["msf_heun2+2_euler_g3"], ref, 5)
+             for k in ("msf_heun2+2_euler_g2", "dit_heun2_euler_g2")}
+    same = quality.paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["msf_heun2+2_euler_g2"], ref, 5)
     assert same["diff"] == 0 and same["diff_std"] == 0
-    pair = quality.paired_fid_difference(feats["msf_heun2+2_euler_g3"], feats["dit_heun2_euler_g2"], ref, 5)
-    np.testing.assert_allclose(pair["diff"], rows["dit_heun2_euler_g2"]["fid"] - rows["msf_heun2+2_euler_g3"]["fid"],
+    pair = quality.paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["dit_heun2_euler_g2"], ref, 5)
+    np.testing.assert_allclose(pair["diff"], rows["dit_heun2_euler_g2"]["fid"] - rows["msf_heun2+2_euler_g2"]["fid"],
                                rtol=1e-4, atol=1e-4)
     assert pair["diff_std"] > 0 and 0 <= pair["p_b_better"] <= 1
 
@@ -148,7 +148,7 @@ def test_per_stage_guidance_and_score_keys(tmp_path):
 
     config = quality_config.get_config()
     msf, dit = (quality.score_dir(config, str(tmp_path), 0, f) for f in ("msf", "dit"))
-    assert msf != dit and "steps3000" in msf
+    assert msf != dit and "steps2500" in msf
     config.quality.msf_settings = "euler:2+2"  # settings decide these fields: same directory
     config.base.num_sampling_steps, config.residual.guidance_scale = 40, 7.0
     assert quality.score_dir(config, str(tmp_path), 0, "msf") == msf
