@@ -343,6 +343,8 @@ def test_guidance_interval(process):
     np.testing.assert_allclose(np.asarray(out), uncond + scale * (cond - uncond), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="noise_fraction"):
         guided_model(base, s, interval=(lo, hi))
+    with pytest.raises(ValueError, match="0 <= lo <= hi <= 1"):
+        guided_model(base, s, interval=(0.8, 0.2), noise_fraction=lambda tt: tt / 1000.0)
 
     # In the sampler: the full interval is plain guidance; an interval that holds no step's noise
     # level gives the unguided sampler's result (same noise, same steps).

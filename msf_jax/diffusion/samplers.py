@@ -74,6 +74,8 @@ def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_
     if _is_one(guidance_scale):
         return model_fn
     limited = not _full_interval(interval)
+    if limited and not 0.0 <= float(interval[0]) <= float(interval[1]) <= 1.0:
+        raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {tuple(interval)}")
     if limited and noise_fraction is None:
         raise ValueError("guided_model: a guidance interval needs noise_fraction")
 
