@@ -5,13 +5,13 @@
 
 DIR holds one subfolder of images per class (any size: center-cropped and resized to 32x32). The
 recipe is the demo's (pixel space, flow matching, 4 x 128 DiTs, lr 1e-3 with warmup, EMA) on the
-folder, with logit-normal training times for the base stage, guidance 2 and Heun 6 + 6 steps for MSF
-(Heun 12 for the DiT).
+folder, with logit-normal training times for the base stage, Heun 6 + 6 steps for MSF and Heun 12 for
+the DiT, both scored at guidance 1.5 and 2.
 Training compute is equal by FLOPs: MSF's base (16x16, patch 2) and residual (32x32, patch 4, 6 input
 channels) DiTs cost as much per step as the single-stage DiT (32x32, patch 4), so MSF trains
-`train.num_steps` steps per stage and the DiT twice as many; the job prints both in FLOPs. About
-25 minutes per model on 2 CPU cores at the defaults (MSF's two stages together; the DiT alone), 60-70
-minutes for one seed of the whole benchmark.
+`train.num_steps` steps per stage and the DiT twice as many; the job prints both in FLOPs. Measured
+at the defaults: 28-31 minutes per model on 2 CPU cores (MSF's two stages together; the DiT alone),
+70 minutes for one seed of the whole benchmark.
 
 Scores: FID and accuracy on the features of a classifier trained here on the folder's images
 (msf_jax.metrics.classifier), for `quality.num_samples` samples per setting, each with a bootstrap
@@ -48,8 +48,8 @@ def get_config(variant: str = ""):
     config.base.guidance_scale = config.residual.guidance_scale = 2.0
 
     t = config.train
-    # per MSF stage; the DiT trains dit_steps_factor x as many (equal FLOPs). About 25-30 minutes per
-    # model on 2 cores, 60-70 minutes for one seed of the whole benchmark.
+    # per MSF stage; the DiT trains dit_steps_factor x as many (equal FLOPs). Measured: 28-31 minutes
+    # per model on 2 cores, 70 minutes for one seed of the whole benchmark.
     t.num_steps = 2500
     t.checkpoint_every = 1000
     t.log_every = 250

@@ -416,10 +416,11 @@ def run_quality(config, workdir: str) -> dict:
     diagnostics: dict[str, list[dict]] = {}
     for seed in seeds:
         models, train_flops, factorizer = train_models(config, workdir, seed, families)
+        dirs = {family: score_dir(config, workdir, seed, family) for family in ("msf", "dit")}
         for setting in settings:
             # Keyed by the training budget and the sampling spec (score_dir): raising train.num_steps
             # resumes the models, and their old scores must not be reused.
-            path = paths.join(score_dir(config, workdir, seed, setting.family), f"{setting.id}.json")
+            path = paths.join(dirs[setting.family], f"{setting.id}.json")
             if paths.is_committed(path):
                 per_seed[setting.id].append(paths.read_json(path))
                 continue
@@ -438,7 +439,7 @@ def run_quality(config, workdir: str) -> dict:
         msf = [s for s in settings if s.family == "msf"]
         if q.diagnostics and msf:
             for name, result in stage_diagnostics(config, msf[0], models, factorizer, scorer, rest, hold, seed,
-                                                  score_dir(config, workdir, seed, "msf")).items():
+                                                  dirs["msf"]).items():
                 diagnostics.setdefault(name, []).append(result)
 
     msf_train = sum(train_flops.get(s, 0.0) for s in STAGES_MSF)
