@@ -62,6 +62,12 @@ def get_config(variant: str = ""):
     config.demo = ml_collections.ConfigDict(dict(
         num_eval_samples=400,  # samples scored by SWD against as many real images
         grid_per_class=8,
+        # Shape accuracy (msf_jax/metrics/shape_accuracy.py): a classifier of the blob's shape, trained
+        # on shape-randomized synthetic images, says whether each sample has its class's shape
+        # (synthetic data only; skipped when data.source is an image folder).
+        shape_accuracy=True,
+        shape_classifier_images=4000,
+        shape_classifier_epochs=6,
     ))
     if variant == "smoke":
         config.data.image_size = 16
@@ -70,7 +76,8 @@ def get_config(variant: str = ""):
             config[stage].model.depth, config[stage].model.hidden_size = 1, 32
             config[stage].num_sampling_steps = 2
         config.train.update(num_steps=2, batch_size=8, log_every=1, checkpoint_every=2)
-        config.demo.update(num_eval_samples=40, grid_per_class=2)
+        config.demo.update(num_eval_samples=40, grid_per_class=2, shape_classifier_images=64,
+                           shape_classifier_epochs=1)
         config.sample.batch_size = 40
     elif variant:
         raise ValueError(f"configs/demo.py: unknown variant {variant!r} (use '' or 'smoke')")

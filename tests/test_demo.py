@@ -20,6 +20,7 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     config.demo.num_eval_samples = 40
     config.demo.grid_per_class = 2
     config.sample.batch_size = 40
+    config.demo.shape_classifier_images, config.demo.shape_classifier_epochs = 64, 1
     metrics = demo.run_demo(config, str(tmp_path))
     assert os.path.exists(tmp_path / "demo_grid.png")
     saved = json.load(open(tmp_path / "demo_metrics.json"))
@@ -28,3 +29,7 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     # Real-vs-real is the floor and noise the ceiling; an untrained model sits in between or above.
     assert 0 < swd["real_vs_real"] < swd["noise_vs_real"]
     assert swd["samples_vs_real"] > 0
+    shapes = saved["shape_accuracy"]
+    assert set(shapes) == {"samples", "real", "noise"}
+    for score in shapes.values():
+        assert 0.0 <= score["accuracy"] <= 1.0 and score["std"] >= 0.0

@@ -77,8 +77,12 @@ def _texture(tid: int, ix: np.ndarray, iy: np.ndarray) -> np.ndarray:
 
 
 def synthetic_images(indices: np.ndarray, *, num_classes: int = 10, image_size: int = 32,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 (N, S, S, 3) images, int32 (N,) labels) for dataset indices; label = index % num_classes."""
+                     seed: int = 0, shapes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, S, S, 3) images, int32 (N,) labels) for dataset indices; label = index % num_classes.
+
+    `shapes` (N,) in 0..3 overrides each image's blob shape (default: its class's, label % 4), all else
+    as its class has it: images whose shape says nothing about the class (metrics/shape_accuracy.py).
+    """
     idx = np.asarray(indices, np.int64).reshape(-1)
     n, k, s = idx.shape[0], int(num_classes), int(image_size)
     labels = (idx % k).astype(np.int32)
@@ -103,7 +107,7 @@ def synthetic_images(indices: np.ndarray, *, num_classes: int = 10, image_size: 
     r = (0.40 * (1.0 + (u[:, 6] - 0.5) * 0.2)).astype(np.float32)[:, None, None]
     dx, dy = np.abs(xx - cx), np.abs(yy - cy)  # (N, S, S)
     dist = np.sqrt(dx * dx + dy * dy)
-    shape = (labels % 4)[:, None, None]
+    shape = (labels % 4 if shapes is None else np.asarray(shapes, np.int64).reshape(-1))[:, None, None]
     sdf = np.where(shape == 0, dist - r,  # disc
                    np.where(shape == 1, np.maximum(dx, dy) - 0.85 * r,  # square
                             np.where(shape == 2, (dx + dy) * 0.7071 - 0.8 * r,  # diamond

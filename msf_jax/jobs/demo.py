@@ -2,7 +2,8 @@
 
 Steps: measure the factorizer statistics, train the base stage, train the residual stage, sample a
 class-conditional grid with the two-stage sampler, and score it with the sliced Wasserstein distance
-(SWD) against real images, next to the same figure for noise and for real-vs-real. Outputs in
+(SWD) against real images and by shape accuracy (is a sample's blob its class's shape?), next to the
+same figures for noise and for real images. Outputs in
 `workdir`: demo_grid.png (left: samples, right: real images; one row per class), demo_metrics.json.
 """
 
@@ -90,6 +91,8 @@ def _run_demo(config, workdir: str) -> dict:
     noise = np.random.default_rng(config.seed).integers(0, 256, real_a.shape, dtype=np.uint8)
     swd = {name: float(evaluate.sliced_wasserstein_distance(imgs, real_a)["mean"])
            for name, imgs in (("samples_vs_real", samples), ("real_vs_real", real_b), ("noise_vs_real", noise))}
+    shapes = score_shapes(config, {"samples": (samples, labels), "real": (real_b, real["label"][n_eval:]),
+                                   "noise": (noise, labels)}) if _scores_shapes(config) else {}
 
     # One row per class: samples on the left, real images of the same class on the right.
     rows = []
@@ -103,14 +106,38 @@ def _run_demo(config, workdir: str) -> dict:
     components_path = write_components_figure(config, stage_list, models,
                                               paths.join(workdir, "demo_components.png"))
     _say(f"wrote {components_path} (base, up(base), residual, final for one sample per class)")
-    metrics = {"swd": swd, "num_eval_samples": n_eval, "wall_time_s": time.perf_counter() - t_start,
-               "grid": grid_path, "components": components_path}
+    metrics = {"swd": swd, "shape_accuracy": shapes, "num_eval_samples": n_eval,
+               "wall_time_s": time.perf_counter() - t_start, "grid": grid_path, "components": components_path}
     paths.write_committed_json(paths.join(workdir, "demo_metrics.json"), metrics, indent=2)
     _say(f"wrote {grid_path} (left: samples, right: real; one row per class)")
     _say("sliced Wasserstein distance to real images (lower is better): "
          + ", ".join(f"{k} {v:.4f}" for k, v in swd.items()))
+    if shapes:
+        _say("shape accuracy (the blob has its class's shape; chance 0.25): "
+             + ", ".join(f"{k} {v['accuracy']:.3f} ± {v['std']:.3f}" for k, v in shapes.items()))
     _say(f"total wall time {metrics['wall_time_s']:.0f}s")
     return metrics
+
+
+def _scores_shapes(config) -> bool:
+    """Shape accuracy means something only on the synthetic set (its classes are blob shapes)."""
+    return bool(config.demo.get("shape_accuracy", False)) and config.data.source == "synthetic"
+
+
+def score_shapes(config, sets: dict) -> dict:
+    """{name: shape_accuracy(...)} for {name: (uint8 images, labels)}, with a shape classifier trained
+    here on shape-randomized synthetic images (msf_jax.metrics.shape_accuracy)."""
+    from msf_jax.metrics import shape_accuracy
+
+    t0 = time.perf_counter()
+    cfg = shape_accuracy.ShapeClassifierConfig(num_images=config.demo.shape_classifier_images,
+                                               epochs=config.demo.shape_classifier_epochs)
+    _say(f"training the shape classifier ({cfg.num_images} shape-randomized images, {cfg.epochs} epochs)")
+    model = shape_accuracy.train_shape_classifier(config.data.num_classes, config.data.image_size,
+                                                  config.data.synthetic_seed, cfg)
+    out = {name: shape_accuracy.shape_accuracy(model, images, labels) for name, (images, labels) in sets.items()}
+    _say(f"shape classifier trained and applied in {time.perf_counter() - t0:.0f}s")
+    return out
 
 
 def write_components_figure(config, stage_list, models, path: str, rows: int = 8) -> str:
