@@ -12,8 +12,10 @@ Training compute is equal by FLOPs: MSF's base (16x16, patch 2) and residual (32
 channels) DiTs see 64 tokens each, like the single-stage DiT (32x32, patch 4), so their 7 + 1 blocks
 cost per step what the DiT's 4 blocks cost in two steps: MSF trains `train.num_steps` steps per stage
 and the DiT twice as many; the job prints both in FLOPs. Measured
-at the defaults: 28-31 minutes per model on 2 CPU cores (MSF's two stages together; the DiT alone),
-70 minutes for one seed of the whole benchmark.
+with the 4 + 4 blocks and uniform-time DiT recipe before: 28-31 minutes per model on 2 CPU cores (MSF's
+two stages together; the DiT alone), 70 minutes for one seed of the whole benchmark; at these
+defaults, each model pinned to one core beside the other: MSF 49 minutes (2,456 s base + 481 s
+residual), the DiT 49 minutes (2,926 s).
 
 Scores: FID and accuracy on the features of a classifier trained here on the folder's images
 (msf_jax.metrics.classifier), for `quality.num_samples` samples per setting, each with a bootstrap
@@ -50,7 +52,7 @@ def get_config(variant: str = ""):
     # At 2,500 steps per stage the residual stage on real bases was already near the floor (0.38 vs
     # 0.26) and the base alone far from it (0.66 vs 0.25), so capacity moves to the base: 7 + 1 blocks
     # (equal training FLOPs) improved MSF's FID by a paired -0.18 +- 0.04 at guidance 1.5 (README,
-    # "Measured at the default budget"). The DiT trains with logit-normal times too: a fair baseline
+    # "Levers measured at the default budget"). The DiT trains with logit-normal times too: a fair baseline
     # (paired -0.31 +- 0.11 at guidance 2, -0.06 +- 0.10 at 1.5).
     config.base.model.depth, config.residual.model.depth = 7, 1
     config.dit.flow_t_sampling = "logit_normal"

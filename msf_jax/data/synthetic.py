@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 NUM_TEXTURES = 10
+BLOB_SHAPES = ("disc", "square", "diamond", "ring")  # class c has shape c % 4
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -107,7 +108,7 @@ def synthetic_images(indices: np.ndarray, *, num_classes: int = 10, image_size: 
     r = (0.40 * (1.0 + (u[:, 6] - 0.5) * 0.2)).astype(np.float32)[:, None, None]
     dx, dy = np.abs(xx - cx), np.abs(yy - cy)  # (N, S, S)
     dist = np.sqrt(dx * dx + dy * dy)
-    shape = (labels % 4 if shapes is None else np.asarray(shapes, np.int64).reshape(-1))[:, None, None]
+    shape = (labels % len(BLOB_SHAPES) if shapes is None else np.asarray(shapes, np.int64).reshape(-1))[:, None, None]
     sdf = np.where(shape == 0, dist - r,  # disc
                    np.where(shape == 1, np.maximum(dx, dy) - 0.85 * r,  # square
                             np.where(shape == 2, (dx + dy) * 0.7071 - 0.8 * r,  # diamond

@@ -15,11 +15,11 @@ import dataclasses
 
 import numpy as np
 
-from msf_jax.data.synthetic import synthetic_images
+from msf_jax.data.synthetic import BLOB_SHAPES, synthetic_images
 from msf_jax.metrics import classifier as clf
 
-NUM_SHAPES = 4  # disc, square, diamond, ring (msf_jax/data/synthetic.py)
-SHAPE_NAMES = ("disc", "square", "diamond", "ring")
+SHAPE_NAMES = BLOB_SHAPES  # disc, square, diamond, ring
+NUM_SHAPES = len(SHAPE_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
