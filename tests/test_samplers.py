@@ -345,6 +345,8 @@ def test_guidance_interval(process):
         guided_model(base, s, interval=(lo, hi))
     with pytest.raises(ValueError, match="0 <= lo <= hi <= 1"):
         guided_model(base, s, interval=(0.8, 0.2), noise_fraction=lambda tt: tt / 1000.0)
+    with pytest.raises(ValueError, match="0 <= lo <= hi <= 1"):  # also at scale 1 (no guidance)
+        guided_model(base, 1.0, interval=(0.8, 0.2), noise_fraction=lambda tt: tt / 1000.0)
 
     # In the sampler: the full interval is plain guidance; an interval that holds no step's noise
     # level gives the unguided sampler's result (same noise, same steps).

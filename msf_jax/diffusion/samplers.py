@@ -71,11 +71,11 @@ def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_
     use the conditional prediction elsewhere (Kynkaanniemi et al. 2024, "Applying guidance in a
     limited interval"); None or (0, 1) guides everywhere. The batch is still doubled at every step.
     """
-    if _is_one(guidance_scale):
-        return model_fn
     limited = not _full_interval(interval)
     if limited and not 0.0 <= float(interval[0]) <= float(interval[1]) <= 1.0:
         raise ValueError(f"guidance_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {tuple(interval)}")
+    if _is_one(guidance_scale):  # checked after the interval, so a bad interval fails at any scale
+        return model_fn
     if limited and noise_fraction is None:
         raise ValueError("guided_model: a guidance interval needs noise_fraction")
 
