@@ -119,6 +119,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_steps=400_000,
         learning_rate=1e-4,
         warmup_steps=0,
+        lr_schedule="constant",  # after warmup: "constant" (DiT) | "cosine" | "linear" (decay to 0 at num_steps)
         weight_decay=0.0,
         b1=0.9,
         b2=0.999,

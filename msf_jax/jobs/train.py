@@ -36,11 +36,31 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; no checkpoint is written after it."""
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def learning_rate_schedule(train_cfg) -> optax.Schedule | float:
+    """Linear warmup over `warmup_steps`, then `lr_schedule`: "constant" (DiT's recipe), or "cosine" /
+    "linear" decay from `learning_rate` to 0 at `num_steps`. A constant rate without warmup is a float
+    (no schedule count in the optimizer state, as in checkpoints written before schedules existed)."""
+    peak, warmup, total = float(train_cfg.learning_rate), int(train_cfg.warmup_steps), int(train_cfg.num_steps)
+    kind = train_cfg.get("lr_schedule", "constant")
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"train.lr_schedule must be one of {LR_SCHEDULES}, got {kind!r}")
+    if kind == "constant" and warmup <= 0:
+        return peak
+    decay_steps = max(total - warmup, 1)
+    after = {"constant": optax.constant_schedule(peak),
+             "cosine": optax.cosine_decay_schedule(peak, decay_steps),
+             "linear": optax.linear_schedule(peak, 0.0, decay_steps)}[kind]
+    if warmup <= 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
 def create_optimizer(train_cfg) -> optax.GradientTransformation:
-    """AdamW (DiT: lr 1e-4, no weight decay) with optional linear warmup and global-norm clipping."""
-    lr = train_cfg.learning_rate
-    if train_cfg.warmup_steps > 0:
-        lr = optax.linear_schedule(0.0, lr, train_cfg.warmup_steps)
+    """AdamW (DiT: lr 1e-4, no weight decay) with the schedule above and optional global-norm clipping."""
+    lr = learning_rate_schedule(train_cfg)
     parts = []
     if train_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
