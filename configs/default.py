@@ -34,11 +34,15 @@ def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "
         flow_t_sampling="uniform",  # flow: "uniform" | "logit_normal" training times
         flow_logit_mean=0.0,
         flow_logit_std=1.0,
-        sampler=sampler,  # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun"
+        # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun" | "sde" (SiT's Euler-Maruyama, w(t) = 2t)
+        sampler=sampler,
         # heun: "euler" ends with an Euler step (no model call at t = 0, EDM's choice; measured far
         # better on real images, README "Sampler defaults"); "heun" corrects the last interval too.
         heun_final_step="euler",
         num_sampling_steps=num_sampling_steps,
+        # flow: the time grid t' = s t / (1 + (s - 1) t) of uniform t (SD3's shift); > 1 more steps near
+        # noise, < 1 more near data, 1 = uniform
+        sampling_time_shift=1.0,
         ddim_eta=0.0,
         guidance_scale=guidance_scale,  # 1.0 disables classifier-free guidance
         guidance_channels=0,  # guide only the first k output channels (DiT: 3); 0 = all

@@ -190,6 +190,7 @@ class Stage:
                                guidance_channels=int(cfg.guidance_channels), null_class=self.num_classes,
                                cond=cond, cond_level=level, eta=float(cfg.ddim_eta),
                                heun_final_step=cfg.heun_final_step,
+                               time_shift=float(cfg.get("sampling_time_shift", 1.0)),
                                guidance_interval=tuple(cfg.get("guidance_interval", (0.0, 1.0))))
 
 

@@ -10,7 +10,8 @@ import pytest
 
 from configs.default import stage_config
 from msf_jax.diffusion import FlowMatching, GaussianDiffusion
-from msf_jax.diffusion.samplers import guided_model, initial_noise, make_plan, sample, sample_loop, step_noise
+from msf_jax.diffusion.samplers import (flow_time_grid, guided_model, initial_noise, make_plan, sample, sample_loop,
+                                        step_noise)
 from msf_jax import pipeline
 
 SHAPE = (4, 4, 2)
@@ -42,6 +43,7 @@ CASES = [
     (GaussianDiffusion.dit(1000, learn_sigma=True), "ddim", 0.7),
     (FlowMatching(learn_sigma=True), "euler", 0.0),
     (FlowMatching(), "heun", 0.0),
+    (FlowMatching(), "sde", 0.0),
 ]
 
 
@@ -80,6 +82,44 @@ def test_heun_steps_by_hand():
                                np.asarray(x0 - 0.25 * v), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="heun_final_step"):
         make_plan(fm, "heun", 4, heun_final_step="midpoint")
+
+
+def test_sde_steps_by_hand():
+    """SiT's Euler-Maruyama step (w(t) = 2t) in NumPy, from the velocity: x + h (v - t score) +
+    sqrt(2 t |h|) z with score = -(x + (1 - t) v) / t; the last step is the noise-free x - t v."""
+    model = toy_model(False)
+    plan = make_plan(FlowMatching(), "sde", 4)
+    x = jax.random.normal(jax.random.key(3), (2,) + SHAPE)
+    y, k = jnp.array([1, 4]), keys(2)
+    for j, (t, t_next) in enumerate([(1.0, 0.75), (0.5, 0.25), (0.25, 0.0)]):
+        j = [0, 2, 3][j]
+        v = np.asarray(model(x, jnp.full((2,), 1000.0 * t), y, None, None))
+        xn, h = np.asarray(x, np.float64), t_next - t
+        if t_next > 0:
+            score = -(xn + (1 - t) * v) / t
+            z = np.asarray(step_noise(k, jnp.int32(j), SHAPE))
+            want = xn + h * (v - t * score) + np.sqrt(2 * t * -h) * z
+        else:
+            want = xn - t * v
+        got = plan.step(model, x, jax.tree.map(lambda a: a[j], plan.xs), k, y)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_time_shift_grid():
+    """SD3's shift of the uniform grid, in closed form; the grid keeps its ends and its order."""
+    np.testing.assert_allclose(flow_time_grid(4), [1, 0.75, 0.5, 0.25, 0])
+    np.testing.assert_allclose(flow_time_grid(2, 3.0), [1, 1.5 / 2.0, 0])  # 3 * 0.5 / (1 + 2 * 0.5)
+    for shift in (0.3, 1.0, 3.0):
+        grid = flow_time_grid(7, shift)
+        assert grid[0] == 1.0 and grid[-1] == 0.0 and np.all(np.diff(grid) < 0)
+    assert np.all(flow_time_grid(5, 3.0)[1:-1] > flow_time_grid(5)[1:-1])  # > 1: more steps near noise
+    plan = make_plan(FlowMatching(), "euler", 2, time_shift=3.0)
+    np.testing.assert_allclose(np.asarray(plan.xs["t"]), [1.0, 0.75])
+    np.testing.assert_allclose(np.asarray(plan.xs["t_next"]), [0.75, 0.0])
+    with pytest.raises(ValueError, match="flow processes only"):
+        make_plan(GaussianDiffusion.dit(1000), "ddim", 4, time_shift=2.0)
+    with pytest.raises(ValueError, match="> 0"):
+        flow_time_grid(4, 0.0)
 
 
 def test_full_heun_on_an_exact_gaussian_velocity_field():
@@ -201,7 +241,7 @@ def exact_velocity_model(x, t, y, cond, cond_level):
     return e_eps - e_x0
 
 
-@pytest.mark.parametrize("name", ["ddpm", "ddpm_fixed", "ddim", "euler", "heun"])
+@pytest.mark.parametrize("name", ["ddpm", "ddpm_fixed", "ddim", "euler", "heun", "sde"])
 def test_gaussian_toy_recovers_data_distribution(name):
     process, model, steps, sampler = {
         "ddpm": (GaussianDiffusion.dit(), exact_eps_model(True, 0.0), 100, "ddpm"),
@@ -209,6 +249,7 @@ def test_gaussian_toy_recovers_data_distribution(name):
         "ddim": (GaussianDiffusion.dit(), exact_eps_model(True, 0.0), 50, "ddim"),
         "euler": (FlowMatching(), exact_velocity_model, 50, "euler"),
         "heun": (FlowMatching(), exact_velocity_model, 10, "heun"),
+        "sde": (FlowMatching(), exact_velocity_model, 100, "sde"),
     }[name]
     x = jax.jit(lambda k: sample(process, model, TOY_SHAPE, jnp.zeros(N_TOY, jnp.int32), k,
                                  sampler=sampler, num_steps=steps))(keys(N_TOY, seed=1))
@@ -248,6 +289,16 @@ def test_single_stage_pipeline_matches_sampler():
     want = jax.jit(lambda k: sample(GaussianDiffusion.dit(), model, SHAPE, labels, pipeline.stages_lib.stage_keys(k, 0),
                                     sampler="ddim", num_steps=4, guidance_scale=1.5, guidance_channels=1,
                                     null_class=10))(ks)
+    np.testing.assert_allclose(np.asarray(z), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # A flow stage passes its sampler and time shift through.
+    cfg = _cfg(process="flow", sampler="sde", steps=3)
+    cfg.sampling_time_shift = 2.0
+    model = toy_model(False)
+    dit = Stage("dit", 0, SHAPE, None, cfg, 10, None)
+    z = jax.jit(lambda k: pipeline.sample([dit], [model], labels, k))(ks)
+    want = jax.jit(lambda k: sample(FlowMatching(), model, SHAPE, labels, pipeline.stages_lib.stage_keys(k, 0),
+                                    sampler="sde", num_steps=3, guidance_scale=1.5, null_class=10,
+                                    time_shift=2.0))(ks)
     np.testing.assert_allclose(np.asarray(z), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 

@@ -122,15 +122,36 @@ def _bcast(v, x):
 HEUN_FINAL_STEPS = ("heun", "euler")
 
 
-def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_final_step: str = "euler") -> Plan:
+def flow_time_grid(num_steps: int, shift: float = 1.0) -> np.ndarray:
+    """(num_steps + 1,) float64 flow times from 1 (noise) to 0 (data): uniform, then shifted as in SD3,
+    t' = shift t / (1 + (shift - 1) t). shift > 1 puts more steps near noise, < 1 more near data."""
+    if not shift > 0:
+        raise ValueError(f"the sampling time shift must be > 0, got {shift}")
+    t = np.linspace(1.0, 0.0, int(num_steps) + 1, dtype=np.float64)
+    shifted = shift * t / (1.0 + (shift - 1.0) * t)
+    shifted[0], shifted[-1] = 1.0, 0.0  # exact ends whatever the rounding
+    return shifted
+
+
+def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_final_step: str = "euler",
+              time_shift: float = 1.0) -> Plan:
     """The step function and per-step inputs of `sampler` on `process` with `num_steps` steps.
 
     `heun_final_step`: "euler" (default) ends with a plain Euler step, as EDM's sampler does (one
     model call fewer, and no evaluation at t = 0, where a trained flow model is least reliable: on
     real images it scores far better, see README "Sampler defaults"); "heun" corrects every
     interval, also the last one (exact for an analytic velocity field, worse for a learned one).
+    `time_shift` (flow only): the time grid, see `flow_time_grid`.
+
+    Flow "sde" is SiT's Euler-Maruyama sampler of the reverse SDE with the same marginals as the flow
+    ODE, diffusion w(t) = 2t (SiT's linear path, as REPA samples it): with x_t = (1 - t) x0 + t eps,
+    E[eps | x_t] = x + (1 - t) v, the score is -(x + (1 - t) v) / t, and the step from t to t + h
+    (h < 0) is x + h (v - w/2 score) + sqrt(w |h|) z = x + h (x + (2 - t) v) + sqrt(2 t |h|) z. Its last
+    step (to t = 0) is the noise-free Euler step x - t v, the posterior-mean estimate of x0.
     """
     num_steps = int(num_steps)
+    if float(time_shift) != 1.0 and not isinstance(process, FlowMatching):
+        raise ValueError(f"time_shift applies to flow processes only (got {time_shift} for {process!r})")
     if heun_final_step not in HEUN_FINAL_STEPS:
         raise ValueError(f"heun_final_step must be one of {HEUN_FINAL_STEPS}, got {heun_final_step!r}")
     if num_steps < 1:
@@ -172,7 +193,7 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_fina
         return Plan(step, xs, num_steps, spaced)
 
     if isinstance(process, FlowMatching):
-        ts = np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float64)
+        ts = flow_time_grid(num_steps, float(time_shift))
         xs = dict(i=steps, t=jnp.asarray(ts[:-1], jnp.float32), t_next=jnp.asarray(ts[1:], jnp.float32))
 
         def velocity(model_fn, x, t, y, cond, cond_level):
@@ -184,6 +205,13 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_fina
             def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
                 v = velocity(model_fn, x, xs_i["t"], y, cond, cond_level)
                 return x + (xs_i["t_next"] - xs_i["t"]) * v
+        elif sampler == "sde":  # Euler-Maruyama, w(t) = 2t; the last step is noise-free Euler
+            def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
+                t, h = xs_i["t"], xs_i["t_next"] - xs_i["t"]
+                v = velocity(model_fn, x, t, y, cond, cond_level)
+                noise = step_noise(sample_keys, xs_i["i"], x.shape[1:])
+                x_sde = x + h * (x + (2.0 - t) * v) + jnp.sqrt(-2.0 * t * h) * noise
+                return jnp.where(xs_i["t_next"] > 0, x_sde, x + h * v)
         else:  # heun (with heun_final_step="euler", the last step, t_next == 0, is an Euler step)
             def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
                 h = xs_i["t_next"] - xs_i["t"]
@@ -207,14 +235,15 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_fina
 # ---------------------------------------------------------------------------------------------------
 def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
            guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-           cond_level=None, eta: float = 0.0, heun_final_step: str = "euler", guidance_interval=None):
-    """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun").
+           cond_level=None, eta: float = 0.0, heun_final_step: str = "euler", guidance_interval=None,
+           time_shift: float = 1.0):
+    """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun" | "sde").
 
     model_fn(x, t, y, cond, cond_level) -> out (see msf_jax.diffusion). `labels` (N,) int; `cond` an
     (N, h, w, c) conditioning image or None; `cond_level` None, a scalar or (N,) passed to the model
     as (N,) float32. A Gaussian process is respaced to `num_steps` (DiT: `create_diffusion(str(K))`).
     `guidance_scale` may be a traced scalar (then the batch is always doubled); a Python 1.0 disables
-    guidance. `heun_final_step`: see `make_plan`; `guidance_interval`: see `guided_model`.
+    guidance. `heun_final_step`, `time_shift`: see `make_plan`; `guidance_interval`: see `guided_model`.
     """
     labels = jnp.asarray(labels, jnp.int32)
     n = labels.shape[0]
@@ -222,7 +251,7 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
         raise ValueError(f"need one key per label: {sample_keys.shape[0]} keys, {n} labels")
     if cond_level is not None:
         cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (n,))
-    plan = make_plan(process, sampler, num_steps, eta, heun_final_step)
+    plan = make_plan(process, sampler, num_steps, eta, heun_final_step, time_shift)
     model = guided_model(model_fn, guidance_scale, guidance_channels, null_class, guidance_interval,
                          noise_fraction_fn(process))
     x = initial_noise(sample_keys, shape_hwc)
@@ -236,12 +265,13 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
 
 def sample_loop(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
                 guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
-                cond_level=None, eta: float = 0.0, heun_final_step: str = "euler", guidance_interval=None):
+                cond_level=None, eta: float = 0.0, heun_final_step: str = "euler", guidance_interval=None,
+                time_shift: float = 1.0):
     """`sample` with a plain Python loop over the same step function (for tests and debugging)."""
     labels = jnp.asarray(labels, jnp.int32)
     if cond_level is not None:
         cond_level = jnp.broadcast_to(jnp.asarray(cond_level, jnp.float32), (labels.shape[0],))
-    plan = make_plan(process, sampler, num_steps, eta, heun_final_step)
+    plan = make_plan(process, sampler, num_steps, eta, heun_final_step, time_shift)
     model = guided_model(model_fn, guidance_scale, guidance_channels, null_class, guidance_interval,
                          noise_fraction_fn(process))
     x = initial_noise(sample_keys, shape_hwc)
