@@ -91,8 +91,7 @@ def test_sde_steps_by_hand():
     plan = make_plan(FlowMatching(), "sde", 4)
     x = jax.random.normal(jax.random.key(3), (2,) + SHAPE)
     y, k = jnp.array([1, 4]), keys(2)
-    for j, (t, t_next) in enumerate([(1.0, 0.75), (0.5, 0.25), (0.25, 0.0)]):
-        j = [0, 2, 3][j]
+    for j, t, t_next in [(0, 1.0, 0.75), (2, 0.5, 0.25), (3, 0.25, 0.0)]:  # (step, t, t_next)
         v = np.asarray(model(x, jnp.full((2,), 1000.0 * t), y, None, None))
         xn, h = np.asarray(x, np.float64), t_next - t
         if t_next > 0:
