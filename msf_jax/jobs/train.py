@@ -108,7 +108,8 @@ class Trainer:
         t = self.process.sample_timesteps(k_t, x0.shape[0])
         noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
         return train_step.apply_update(self.graphdef, self.process, self.tx, self.config.train.ema_decay,
-                                       state, x0, labels, t, noise, cond, cond_level, k_drop)
+                                       state, x0, labels, t, noise, cond, cond_level, k_drop,
+                                       ema_debias=self.config.train.ema_debias)
 
     def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         keep = {k: v for k, v in local_batch.items() if k in ("image", "label", "mean", "logvar")}
