@@ -34,7 +34,8 @@ def stage_config(model_name: str, *, process: str = "gaussian", sampler: str = "
         flow_t_sampling="uniform",  # flow: "uniform" | "logit_normal" training times
         flow_logit_mean=0.0,
         flow_logit_std=1.0,
-        # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun" | "sde" (SiT's Euler-Maruyama, w(t) = 2t)
+        # gaussian: "ddpm" | "ddim"; flow: "euler" | "heun" | "dpm2m" (DPM-Solver++(2M), one call per
+        # step) | "sde" (SiT's Euler-Maruyama, w(t) = 2t)
         sampler=sampler,
         # heun: "euler" ends with an Euler step (no model call at t = 0, EDM's choice; measured far
         # better on real images, README "Sampler defaults"); "heun" corrects the last interval too.

@@ -44,6 +44,7 @@ CASES = [
     (FlowMatching(learn_sigma=True), "euler", 0.0),
     (FlowMatching(), "heun", 0.0),
     (FlowMatching(), "sde", 0.0),
+    (FlowMatching(), "dpm2m", 0.0),
 ]
 
 
@@ -51,7 +52,7 @@ CASES = [
 def test_scan_equals_python_loop(process, sampler, eta):
     model = toy_model(process.learn_sigma)
     labels = jnp.array([0, 3, 7])
-    scale = 1.5 if sampler in ("ddpm", "heun") else 1.0
+    scale = 1.5 if sampler in ("ddpm", "heun", "dpm2m") else 1.0
     kw = dict(sampler=sampler, num_steps=4, guidance_scale=scale, null_class=10, eta=eta)
     got = jax.jit(lambda k: sample(process, model, SHAPE, labels, k, **kw))(keys(3))
     want = jax.jit(lambda k: sample_loop(process, model, SHAPE, labels, k, **kw))(keys(3))  # unrolled loop
@@ -102,6 +103,70 @@ def test_sde_steps_by_hand():
             want = xn - t * v
         got = plan.step(model, x, jax.tree.map(lambda a: a[j], plan.xs), k, y)
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def dpm_solver_pp_2m_numpy(velocity, x, ts):
+    """DPM-Solver++(2M) as Lu et al. 2022 write it (Algorithm 2, lower order at the first and the last
+    step), in float64 on alpha = 1 - t, sigma = t, lambda = log(alpha / sigma): x_i = (sigma_i /
+    sigma_{i-1}) x - alpha_i (exp(-h_i) - 1) D_i, D_i = (1 + 1 / (2 r_i)) x0_{i-1} - x0_{i-2} / (2 r_i),
+    r_i = h_{i-1} / h_i. `velocity(x, t)` -> v; x0 = x - t v."""
+    alpha, sigma = 1.0 - ts, ts
+    with np.errstate(divide="ignore"):
+        lam = np.log(alpha) - np.log(sigma)
+    x, x0_prev = np.asarray(x, np.float64), None
+    n = len(ts) - 1
+    for i in range(1, n + 1):
+        x0 = x - ts[i - 1] * velocity(x, ts[i - 1])
+        h = lam[i] - lam[i - 1]
+        if i == 1 or i == n:
+            d = x0
+        else:
+            r = (lam[i - 1] - lam[i - 2]) / h
+            d = (1 + 1 / (2 * r)) * x0 - x0_prev / (2 * r)
+        x = sigma[i] / sigma[i - 1] * x - alpha[i] * np.expm1(-h) * d
+        x0_prev = x0
+    return x
+
+
+def test_dpm2m_matches_the_papers_algorithm():
+    """The scanned dpm2m (one call per step) against DPM-Solver++(2M) in NumPy (the lambda form, with
+    infinities at t = 1 and t = 0), on a linear model, a shifted grid, and under guidance."""
+    model = toy_model(False)
+    y, k = jnp.array([1, 4]), keys(2)
+    x1 = np.asarray(jax.random.normal(jax.random.key(3), (2,) + SHAPE))
+    for steps, shift, scale in ((5, 1.0, 1.0), (8, 2.0, 1.0), (6, 1.0, 1.5)):
+        guided = guided_model(model, scale, null_class=10)
+        vel = lambda x, t: np.asarray(guided(jnp.asarray(x, jnp.float32), jnp.full((2,), 1000.0 * t), y, None, None),
+                                        np.float64)
+        want = dpm_solver_pp_2m_numpy(vel, x1, flow_time_grid(steps, shift))
+        plan = make_plan(FlowMatching(), "dpm2m", steps, time_shift=shift)
+        carry = plan.init(jnp.asarray(x1))
+        for j in range(steps):
+            carry = plan.step(guided, carry, jax.tree.map(lambda a: a[j], plan.xs), k, y)
+        np.testing.assert_allclose(np.asarray(plan.final(carry)), want, rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{steps} steps, shift {shift}, guidance {scale}")
+    c = np.asarray(make_plan(FlowMatching(), "dpm2m", 6).xs["c"])
+    assert c[0] == c[1] == c[-1] == 0.0 and np.all(c[2:-1] > 0)  # second order in between only
+
+
+def test_dpm2m_beats_euler_on_an_exact_gaussian_velocity_field():
+    """With the exact velocity the ODE maps x1 to MU + SIGMA x1. At equal model calls dpm2m is far
+    more accurate than Euler, and its error falls faster than first order as steps are added."""
+    want = MU + SIGMA * np.asarray(initial_noise(keys(256), TOY_SHAPE))  # from the samples' own start
+
+    def rms(sampler, steps):
+        x = sample(FlowMatching(), exact_velocity_model, TOY_SHAPE, jnp.zeros(256, jnp.int32), keys(256),
+                   sampler=sampler, num_steps=steps)
+        return float(np.sqrt(np.mean(np.square(np.asarray(x) - want))))
+
+    err = {(s, n): rms(s, n) for s in ("euler", "dpm2m") for n in (16, 32, 128)}
+    # Measured (RMS): Euler 3.4e-2 / 1.8e-2 / 4.5e-3, dpm2m 3.7e-4 / 3.1e-3 / 4.8e-4 at 16 / 32 / 128
+    # steps (dpm2m's error changes sign near 16 steps; 64 steps: 1.4e-3).
+    print({k: f"{v:.1e}" for k, v in err.items()})
+    for n in (16, 32, 128):
+        assert err[("dpm2m", n)] < err[("euler", n)] / 4, n
+    assert err[("euler", 32)] / err[("euler", 128)] < 4.5  # first order: 4x the steps, 1/4 the error
+    assert err[("dpm2m", 32)] / err[("dpm2m", 128)] > 5.5
 
 
 def test_time_shift_grid():

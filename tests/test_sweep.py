@@ -119,7 +119,7 @@ def test_cost_counts_model_calls(setup, monkeypatch):
 def test_model_calls_of_every_process_and_sampler():
     """Every sampler a config can name is counted, with and without learned sigma (Gaussian: 2C outputs)."""
     n = 3
-    per_step = {"ddpm": 1, "ddim": 1, "euler": 1, "heun": 2, "sde": 1}
+    per_step = {"ddpm": 1, "ddim": 1, "euler": 1, "heun": 2, "dpm2m": 1, "sde": 1}
     assert set(per_step) == {s for names in SAMPLERS.values() for s in names}  # a new sampler needs a line here
     for kind, names in SAMPLERS.items():
         for learn_sigma in (False, True):

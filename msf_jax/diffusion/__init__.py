@@ -31,7 +31,7 @@ from msf_jax.diffusion.gaussian import GaussianDiffusion, space_timesteps
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array, Optional[jax.Array], Optional[jax.Array]], jax.Array]
 
 PROCESSES = ("gaussian", "flow")
-SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun", "sde")}
+SAMPLERS = {"gaussian": ("ddpm", "ddim"), "flow": ("euler", "heun", "dpm2m", "sde")}
 
 
 @runtime_checkable

@@ -1,5 +1,6 @@
-"""Samplers, each one `jax.lax.scan` over its steps: DDPM and DDIM (Gaussian, respaced schedule), Euler
-and Heun (flow, t from 1 to 0), with classifier-free guidance in one batched model call.
+"""Samplers, each one `jax.lax.scan` over its steps: DDPM and DDIM (Gaussian, respaced schedule), Euler,
+Heun, DPM-Solver++(2M) and SiT's SDE (flow, t from 1 to 0), with classifier-free guidance in one
+batched model call.
 
 Randomness is per sample: sample i draws its initial noise from `fold_in(key_i, 0)` and the noise of
 scan step j (0-based, in sampling order) from `fold_in(key_i, j + 1)`, so sample i is the same whatever
@@ -104,15 +105,20 @@ def guided_model(model_fn, guidance_scale=1.0, guidance_channels: int = 0, null_
 # ---------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A sampler: `x_next = step(model_fn, x, xs_i, sample_keys, y, cond, cond_level)` scanned over `xs`.
+    """A sampler: `carry = step(model_fn, carry, xs_i, sample_keys, y, cond, cond_level)` scanned over
+    `xs`, from `carry = init(x_noise)` to `x0 = final(carry)`.
 
     `xs` is a dict of per-step arrays with leading dimension `num_steps`; `xs["i"]` is the step number.
+    The carry is the sample x itself for one-step samplers; a multistep sampler also carries what it
+    keeps from earlier steps.
     """
 
     step: Callable
     xs: dict
     num_steps: int
     process: object  # the (respaced) process the steps run on
+    init: Callable = lambda x: x
+    final: Callable = lambda carry: carry
 
 
 def _bcast(v, x):
@@ -133,6 +139,21 @@ def flow_time_grid(num_steps: int, shift: float = 1.0) -> np.ndarray:
     return shifted
 
 
+def dpm2m_weights(ts: np.ndarray) -> np.ndarray:
+    """(len(ts) - 1,) DPM-Solver++(2M) weights c_i = h_i / (2 h_{i-1}) of the previous x0 prediction on
+    the flow time grid `ts` (1 -> 0), h_i = lambda(t_{i+1}) - lambda(t_i), lambda = log((1 - t) / t);
+    0 where the step is first order: the first step, a step after one from t = 1 (h_{i-1} infinite),
+    and the last step (to t = 0)."""
+    with np.errstate(divide="ignore"):
+        lam = np.log1p(-ts) - np.log(ts)  # -inf at t = 1, +inf at t = 0
+    h = np.diff(lam)
+    c = np.zeros(len(h))
+    for i in range(1, len(h)):
+        if np.isfinite(h[i - 1]) and np.isfinite(h[i]):
+            c[i] = h[i] / (2.0 * h[i - 1])
+    return c
+
+
 def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_final_step: str = "euler",
               time_shift: float = 1.0) -> Plan:
     """The step function and per-step inputs of `sampler` on `process` with `num_steps` steps.
@@ -142,6 +163,13 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_fina
     real images it scores far better, see README "Sampler defaults"); "heun" corrects every
     interval, also the last one (exact for an analytic velocity field, worse for a learned one).
     `time_shift` (flow only): the time grid, see `flow_time_grid`.
+
+    Flow "dpm2m" is DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order solver in the
+    data prediction x0 = x - t v, on the linear path as a Gaussian path (alpha = 1 - t, sigma = t,
+    lambda = log(alpha / sigma)): one model call per step, x_next = r x + (1 - r) D with r = t_next / t
+    (its first-order step is exactly Euler) and D = x0 + c (x0 - x0_prev), c = h / (2 h_prev) for the
+    lambda steps h, h_prev. c = 0 on the first steps (h_prev infinite from t = 1) and on the last one
+    (to t = 0: x_next = x0, the Euler last step), so it is second order in between.
 
     Flow "sde" is SiT's Euler-Maruyama sampler of the reverse SDE with the same marginals as the flow
     ODE, diffusion w(t) = 2t (SiT's linear path, as REPA samples it): with x_t = (1 - t) x0 + t eps,
@@ -205,6 +233,19 @@ def make_plan(process, sampler: str, num_steps: int, eta: float = 0.0, heun_fina
             def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
                 v = velocity(model_fn, x, xs_i["t"], y, cond, cond_level)
                 return x + (xs_i["t_next"] - xs_i["t"]) * v
+        elif sampler == "dpm2m":  # carry (x, the previous step's x0 prediction)
+            xs["c"] = jnp.asarray(dpm2m_weights(ts), jnp.float32)
+
+            def step(model_fn, carry, xs_i, sample_keys, y, cond=None, cond_level=None):
+                x, x0_prev = carry
+                t = xs_i["t"]
+                x0 = x - t * velocity(model_fn, x, t, y, cond, cond_level)
+                d = x0 + xs_i["c"] * (x0 - x0_prev)
+                r = xs_i["t_next"] / t
+                return r * x + (1.0 - r) * d, x0
+
+            return Plan(step, xs, num_steps, process, init=lambda x: (x, jnp.zeros_like(x)),
+                        final=lambda carry: carry[0])
         elif sampler == "sde":  # Euler-Maruyama, w(t) = 2t; the last step is noise-free Euler
             def step(model_fn, x, xs_i, sample_keys, y, cond=None, cond_level=None):
                 t, h = xs_i["t"], xs_i["t_next"] - xs_i["t"]
@@ -237,7 +278,7 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
            guidance_scale=1.0, guidance_channels: int = 0, null_class: int = 1000, cond=None,
            cond_level=None, eta: float = 0.0, heun_final_step: str = "euler", guidance_interval=None,
            time_shift: float = 1.0):
-    """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun" | "sde").
+    """Draws x0 (N, H, W, C) float32 with `sampler` ("ddpm" | "ddim" | "euler" | "heun" | "dpm2m" | "sde").
 
     model_fn(x, t, y, cond, cond_level) -> out (see msf_jax.diffusion). `labels` (N,) int; `cond` an
     (N, h, w, c) conditioning image or None; `cond_level` None, a scalar or (N,) passed to the model
@@ -254,13 +295,13 @@ def sample(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, n
     plan = make_plan(process, sampler, num_steps, eta, heun_final_step, time_shift)
     model = guided_model(model_fn, guidance_scale, guidance_channels, null_class, guidance_interval,
                          noise_fraction_fn(process))
-    x = initial_noise(sample_keys, shape_hwc)
+    carry = plan.init(initial_noise(sample_keys, shape_hwc))
 
-    def body(x, xs_i):
-        return plan.step(model, x, xs_i, sample_keys, labels, cond, cond_level), None
+    def body(carry, xs_i):
+        return plan.step(model, carry, xs_i, sample_keys, labels, cond, cond_level), None
 
-    x, _ = jax.lax.scan(body, x, plan.xs)
-    return x
+    carry, _ = jax.lax.scan(body, carry, plan.xs)
+    return plan.final(carry)
 
 
 def sample_loop(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: str, num_steps: int,
@@ -274,7 +315,8 @@ def sample_loop(process, model_fn, shape_hwc, labels, sample_keys, *, sampler: s
     plan = make_plan(process, sampler, num_steps, eta, heun_final_step, time_shift)
     model = guided_model(model_fn, guidance_scale, guidance_channels, null_class, guidance_interval,
                          noise_fraction_fn(process))
-    x = initial_noise(sample_keys, shape_hwc)
+    carry = plan.init(initial_noise(sample_keys, shape_hwc))
     for j in range(plan.num_steps):
-        x = plan.step(model, x, jax.tree.map(lambda a: a[j], plan.xs), sample_keys, labels, cond, cond_level)
-    return x
+        carry = plan.step(model, carry, jax.tree.map(lambda a: a[j], plan.xs), sample_keys, labels, cond,
+                          cond_level)
+    return plan.final(carry)
