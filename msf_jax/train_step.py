@@ -46,11 +46,11 @@ def ema_step_decay(ema_decay: float, step, debias: bool):
 
 def apply_update(graphdef, process, tx: optax.GradientTransformation, ema_decay: float,
                  state: dict[str, Any], x0, labels, t, noise, cond=None, cond_level=None, drop_key=None,
-                 ema_debias: bool = False):
+                 ema_debias: bool = True):
     """One step on the stage's example: x0 (N,H,W,C) target, labels (N,), t (N,) schedule indices,
     noise like x0, cond/cond_level the residual stage's conditioning (or None), drop_key for label
-    dropout, ema_debias as in `ema_step_decay`. Returns (new state with step + 1, metrics dict of
-    scalars)."""
+    dropout, ema_debias as in `ema_step_decay` (on by default, as `train.ema_debias`, so the benchmark
+    times the step training runs). Returns (new state with step + 1, metrics dict of scalars)."""
 
     def loss_fn(params):
         model = nnx.merge(graphdef, params, state["rest"])
