@@ -107,6 +107,20 @@ def test_training_steps_split_between_msf_stages():
     assert cfg.train.num_steps == cfg.train.checkpoint_every == 500
 
 
+def test_the_recipe_trains_msf_and_the_dit_at_equal_flops():
+    """The benchmark's claim of equal training compute holds for its shipped recipe (analytic FLOPs)."""
+    config = quality_config.get_config()
+    planned = quality.planned_training_flops(config)
+    msf = planned["base"] + planned["residual"]
+    assert abs(msf / planned["dit"] - 1) < 0.03, planned
+    # The same formula as the FLOPs reported after training (3 x forward x batch x steps).
+    from msf_jax import stages
+    from msf_jax.models.dit import dit_flops_per_example
+
+    dit = stages.build_stages(config, single_stage=True)[0].build_model()
+    assert planned["dit"] == 3.0 * dit_flops_per_example(dit) * config.train.batch_size * quality.stage_steps(config, "dit")
+
+
 def test_parse_settings():
     s = quality.parse_settings("msf", "heun:6+6:euler, euler:4+2", "1.5,2")
     assert [x.id for x in s] == ["msf_heun6+6_euler_g1.5", "msf_heun6+6_euler_g2", "msf_euler4+2_euler_g1.5",

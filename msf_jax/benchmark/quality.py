@@ -207,6 +207,22 @@ def stage_steps(config, stage: str) -> int:
     return int(round(2 * n * share))
 
 
+def planned_training_flops(config) -> dict[str, float]:
+    """{model: training FLOPs} before anything trains: 3 x forward FLOPs x batch x `stage_steps`
+    (the same formula `train_models` reports after training). MSF's stages together should match the
+    DiT: change a stage's patch, depth or width and the step counts must follow."""
+    from flax import nnx
+
+    from msf_jax import stages
+    from msf_jax.models.dit import dit_flops_per_example
+
+    out = {}
+    for stage in stages.build_stages(config) + stages.build_stages(config, single_stage=True):
+        model = nnx.eval_shape(stage.build_model)  # shapes only: nothing is initialized
+        out[stage.name] = 3.0 * dit_flops_per_example(model) * config.train.batch_size * stage_steps(config, stage.name)
+    return out
+
+
 def budget_key(config) -> str:
     """The training budget a score belongs to (raising it resumes the models: old scores are stale)."""
     share = float(config.quality.base_step_share)
@@ -410,6 +426,11 @@ def run_quality(config, workdir: str) -> dict:
     _say(f"floor (N={n}): real-vs-real FID {floor['real_vs_real']['fid']:.2f} ± {floor['real_vs_real']['fid_boot_std']:.2f}, "
          f"accuracy {floor['real_vs_real']['accuracy']:.3f}; noise FID {floor['noise_vs_real']['fid']:.1f}")
 
+    planned = planned_training_flops(config)
+    msf_plan = sum(planned[s] for s in STAGES_MSF)
+    _say(f"training per seed: MSF {msf_plan / 1e15:.3f} PFLOP (" + ", ".join(
+        f"{s} {stage_steps(config, s)} steps" for s in STAGES_MSF) + f"), DiT {planned['dit'] / 1e15:.3f} PFLOP "
+         f"({stage_steps(config, 'dit')} steps): MSF / DiT = {msf_plan / planned['dit']:.3f}")
     per_seed: dict[str, list[dict]] = {s.id: [] for s in settings}
     train_flops = {}
     families = sorted({s.family for s in settings})
