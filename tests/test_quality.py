@@ -47,9 +47,9 @@ def test_quality_quick_writes_table(tmp_path):
             assert np.isfinite(r[key]) and r[key] >= 0, (r["id"], key)
     # Full Heun evaluates the model once more than the Euler-ended sampler (the correction at t = 0).
     assert rows["msf_heun2+2_heun_g2"]["calls_per_image"] == rows["msf_heun2+2_euler_g2"]["calls_per_image"] + 4
-    # Equal training FLOPs by construction: the DiT trains dit_steps_factor x the steps of each MSF stage.
-    steps = out["train_steps"]
-    assert steps["dit"] == steps["base"] + steps["residual"] and steps["base"] == steps["residual"]
+    # The recipe's step split (train.num_steps 4): MSF's 8 steps 0.8 / 0.2 between its stages, the DiT 0.8 x 4.
+    assert out["train_steps"] == {"base": 6, "residual": 2, "dit": 3}
+    assert set(out["train_flops"]) == {"base", "residual", "dit"}
     floor = out["floor"]
     assert floor["real_vs_real"]["fid"] < floor["noise_vs_real"]["fid"]
     # Which stage limits quality: the residual stage on real bases, the base stage alone vs real bases.
@@ -97,14 +97,15 @@ def test_quality_needs_enough_images(tmp_path):
 
 def test_training_steps_split_between_msf_stages():
     config = quality_config.get_config()
-    config.train.num_steps = 1000
+    assert [quality.stage_steps(config, s) for s in ("base", "residual", "dit")] == [10000, 2500, 5000]
+    config.train.num_steps, config.quality.base_step_share, config.quality.dit_steps_factor = 1000, 0.5, 2.0
     assert [quality.stage_steps(config, s) for s in ("base", "residual", "dit")] == [1000, 1000, 2000]
     assert quality.budget_key(config) == "steps1000"
     config.quality.base_step_share = 0.75  # the base gets 3/4 of MSF's steps; the DiT's are unchanged
     assert [quality.stage_steps(config, s) for s in ("base", "residual", "dit")] == [1500, 500, 2000]
     assert quality.budget_key(config) == "steps1000_base0.75"  # other models: their scores are kept apart
     cfg = quality.seed_config(config, 0, "residual", "")
-    assert cfg.train.num_steps == cfg.train.checkpoint_every == 500
+    assert cfg.train.num_steps == 500 and cfg.train.checkpoint_every == min(500, config.train.checkpoint_every)
 
 
 def test_the_recipe_trains_msf_and_the_dit_at_equal_flops():
@@ -162,7 +163,7 @@ def test_per_stage_guidance_and_score_keys(tmp_path):
 
     config = quality_config.get_config()
     msf, dit = (quality.score_dir(config, str(tmp_path), 0, f) for f in ("msf", "dit"))
-    assert msf != dit and "steps2500" in msf
+    assert msf != dit and "steps6250_base0.8" in msf
     config.quality.msf_settings = "euler:2+2"  # settings decide these fields: same directory
     config.base.num_sampling_steps, config.residual.guidance_scale = 40, 7.0
     assert quality.score_dir(config, str(tmp_path), 0, "msf") == msf

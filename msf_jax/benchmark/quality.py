@@ -192,8 +192,8 @@ def seed_config(config, seed: int, stage: str, stats_path: str):
         cfg.seed, cfg.stage = seed, stage
         cfg.factorizer.stats_path = stats_path
         cfg.train.num_steps = stage_steps(config, stage)
-        if cfg.train.num_steps != config.train.num_steps:
-            cfg.train.checkpoint_every = cfg.train.num_steps
+        # every checkpoint_every steps and at the last (a killed run resumes, whatever its step count)
+        cfg.train.checkpoint_every = min(int(config.train.checkpoint_every), cfg.train.num_steps)
     return cfg
 
 
