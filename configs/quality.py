@@ -69,7 +69,7 @@ def get_config(variant: str = ""):
     # Patch 4 for the base stage too (2 before: 64 tokens, like the DiT's): the method's cost advantage
     # is a low-resolution base with 1/f^2 of the full-resolution tokens. At equal training FLOPs (10,000
     # base steps instead of 2,500), over two training seeds, Heun 6 + 6 at guidance 1.5 went from 0.49 to
-    # 0.33 +- 0.02 (paired -0.16 +- 0.04; each seed better) at a third of the sampling FLOPs (1.69
+    # 0.33 +- 0.03 (paired -0.16 +- 0.04; each seed better) at a third of the sampling FLOPs (1.69
     # GFLOP/image vs 4.90), against the DiT's 0.46 +- 0.08 at 5.13 (README, "Levers measured on the
     # two-seed models"). 14 blocks at 5,170 steps (seed 0) scored 0.37 at 2.71 GFLOP.
     config.base.model.patch_size = 4
