@@ -15,7 +15,7 @@ test): a step of the 16-token base costs 0.42 of a DiT step and one of the 1-blo
 6 input channels) 0.27, so MSF's base trains 10,000 steps and its residual 2,500 against the DiT's 5,000
 (0.104 vs 0.107 PFLOP). Measured, each model pinned to one core beside another run: the base 2,785 s
 (3.6 steps/s), the residual 481 s, the DiT 2,926 s (MSF's base at patch 2 before: 2,456 s for 2,500
-steps); on 2 cores each takes about 30 minutes.
+steps); not timed on 2 idle cores at these defaults.
 
 Scores: FID and accuracy on the features of a classifier trained here on the folder's images
 (msf_jax.metrics.classifier), for `quality.num_samples` samples per setting, each with a bootstrap
