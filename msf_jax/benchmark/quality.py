@@ -207,19 +207,25 @@ def stage_steps(config, stage: str) -> int:
     return int(round(2 * n * share))
 
 
+def training_flops(model, batch_size: int, steps: int) -> float:
+    """Training FLOPs of a DiT: forward + backward ~ 3 x the forward FLOPs, per example and step."""
+    from msf_jax.models.dit import dit_flops_per_example
+
+    return 3.0 * dit_flops_per_example(model) * batch_size * steps
+
+
 def planned_training_flops(config) -> dict[str, float]:
-    """{model: training FLOPs} before anything trains: 3 x forward FLOPs x batch x `stage_steps`
-    (the same formula `train_models` reports after training). MSF's stages together should match the
-    DiT: change a stage's patch, depth or width and the step counts must follow."""
+    """{model: training FLOPs} before anything trains (`training_flops` at `stage_steps`, as
+    `train_models` reports after training). MSF's stages together should match the DiT: change a
+    stage's patch, depth or width and the step counts must follow."""
     from flax import nnx
 
     from msf_jax import stages
-    from msf_jax.models.dit import dit_flops_per_example
 
     out = {}
     for stage in stages.build_stages(config) + stages.build_stages(config, single_stage=True):
         model = nnx.eval_shape(stage.build_model)  # shapes only: nothing is initialized
-        out[stage.name] = 3.0 * dit_flops_per_example(model) * config.train.batch_size * stage_steps(config, stage.name)
+        out[stage.name] = training_flops(model, config.train.batch_size, stage_steps(config, stage.name))
     return out
 
 
@@ -258,7 +264,6 @@ def train_models(config, workdir: str, seed: int, families=("msf", "dit")) -> tu
     the models of `families` ("msf": base + residual, "dit") are trained."""
     from msf_jax.jobs import train
     from msf_jax.factorize import Factorizer
-    from msf_jax.models.dit import dit_flops_per_example
     from msf_jax.runtime import paths
     from msf_jax.stats import RUN_STATS_FILE, resolve_stats
 
@@ -276,7 +281,7 @@ def train_models(config, workdir: str, seed: int, families=("msf", "dit")) -> tu
         summary = train.train_and_evaluate(cfg, paths.join(run_dir, stage))
         model = summary["trainer"].ema_model(summary["state"])
         models[stage] = model
-        train_flops[stage] = 3.0 * dit_flops_per_example(model) * cfg.train.batch_size * cfg.train.num_steps
+        train_flops[stage] = training_flops(model, cfg.train.batch_size, cfg.train.num_steps)
         _say(f"seed {seed}: {stage} done in {time.perf_counter() - t0:.0f}s "
              f"({train_flops[stage] / 1e15:.3f} PFLOP of training)")
     return models, train_flops, factorizer
