@@ -5,15 +5,23 @@
 `--src` is an unpacked Tiny ImageNet (tiny-imagenet-200/, 64x64 JPEGs: train/<wnid>/images/*.JPEG and
 val/images + val/val_annotations.txt). Writes OUT/train/<class>/*.png (500 per class) and
 OUT/val/<class>/*.png (50 per class), each image box-filtered from 64x64 to 32x32. The README's
-quality figures were measured on OUT/train.
+quality figures were measured on OUT/train; the script prints a digest of each split's pixels to check
+that a folder is that set (the README gives OUT/train's). Copies of Tiny ImageNet already downsampled
+to 32x32 are refused: their JPEG-compressed pixels are another set, on which the scores differ.
+
+    python benchmarks/tiny_imagenet_subset.py --check=data/tin10   # digests of an existing folder
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 
+import numpy as np
 from PIL import Image
+
+SOURCE_SIZE, SIZE = (64, 64), (32, 32)
 
 CLASSES = {  # distinct layouts and colours: animals, vehicles, food, a landscape
     "n01443537": "goldfish", "n04146614": "school_bus", "n02279972": "monarch", "n07749582": "lemon",
@@ -23,16 +31,42 @@ CLASSES = {  # distinct layouts and colours: animals, vehicles, food, a landscap
 
 
 def _convert(src: str, dst_dir: str) -> None:
+    image = Image.open(src)
+    if image.size != SOURCE_SIZE:
+        raise SystemExit(f"{src}: {image.size[0]}x{image.size[1]}, expected Tiny ImageNet's 64x64 (a copy "
+                         "already downsampled is another set: the README's scores do not apply to it)")
     os.makedirs(dst_dir, exist_ok=True)
     name = os.path.splitext(os.path.basename(src))[0] + ".png"
-    Image.open(src).convert("RGB").resize((32, 32), Image.BOX).save(os.path.join(dst_dir, name))
+    image.convert("RGB").resize(SIZE, Image.BOX).save(os.path.join(dst_dir, name))
 
 
-def main() -> None:
+def pixel_digest(folder: str) -> str:
+    """sha256 of every image's class, name and decoded RGB pixels, in sorted order: the same for the
+    same images whatever PNG encoder wrote them."""
+    h = hashlib.sha256()
+    for cls in sorted(os.listdir(folder)):
+        for f in sorted(os.listdir(os.path.join(folder, cls))):
+            h.update(f"{cls}/{f}".encode())
+            h.update(np.asarray(Image.open(os.path.join(folder, cls, f)).convert("RGB")).tobytes())
+    return h.hexdigest()[:16]
+
+
+def print_digests(out: str) -> None:
+    for split in ("train", "val"):
+        if os.path.isdir(os.path.join(out, split)):
+            print(f"{split}: pixel digest {pixel_digest(os.path.join(out, split))}")
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", required=True, help="the unpacked tiny-imagenet-200 directory")
-    p.add_argument("--out", required=True, help="where train/ and val/ are written")
-    args = p.parse_args()
+    p.add_argument("--src", help="the unpacked tiny-imagenet-200 directory")
+    p.add_argument("--out", help="where train/ and val/ are written")
+    p.add_argument("--check", help="only print the digests of a folder written by this script")
+    args = p.parse_args(argv)
+    if args.check:
+        return print_digests(args.check)
+    if not (args.src and args.out):
+        raise SystemExit("give --src and --out (or --check=FOLDER)")
     if not os.path.isdir(os.path.join(args.src, "train")):
         raise SystemExit(f"{args.src}: no train/ folder (expected an unpacked tiny-imagenet-200)")
     count = 0
@@ -49,6 +83,7 @@ def main() -> None:
                          os.path.join(args.out, "val", CLASSES[fields[1]]))
                 count += 1
     print(f"wrote {count} images under {args.out}")
+    print_digests(args.out)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 from flax import nnx
 
 from msf_jax.benchmark import presets, sampling
@@ -130,3 +131,57 @@ def test_every_section_tiny(tmp_path):
 
     readers = res["input"]
     assert len(readers) == 2 and all(r["examples_per_s"] > 0 and r["headroom"] > 0 for r in readers)
+
+
+def test_tiny_imagenet_subset_writes_the_set_and_refuses_a_downsampled_copy(tmp_path, capsys):
+    """benchmarks/tiny_imagenet_subset.py (the README's development set) on a fake tiny-imagenet-200:
+    64x64 JPEGs become 32x32 PNGs per class, the digest depends on the pixels only, and a copy already
+    at 32x32 is refused with a one-line reason."""
+    import importlib.util
+    import os
+
+    from PIL import Image
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                        "tiny_imagenet_subset.py")
+    spec = importlib.util.spec_from_file_location("tiny_imagenet_subset", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def fake_source(root, size):
+        rng = np.random.default_rng(0)
+        val_lines = []
+        for k, wnid in enumerate(script.CLASSES):
+            folder = root / "train" / wnid / "images"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{wnid}_{i}.JPEG")
+            val_lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t1\t1")
+        (root / "val" / "images").mkdir(parents=True)
+        for k in range(len(script.CLASSES)):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "val" / "images" / f"val_{k}.JPEG")
+        (root / "val" / "val_annotations.txt").write_text("\n".join(val_lines) + "\n")
+
+    fake_source(tmp_path / "src", (64, 64))
+    script.main([f"--src={tmp_path / 'src'}", f"--out={tmp_path / 'out'}"])
+    printed = capsys.readouterr().out
+    assert "wrote 30 images" in printed
+    train = tmp_path / "out" / "train"
+    assert sorted(os.listdir(train)) == sorted(script.CLASSES.values())
+    image = Image.open(train / "goldfish" / "n01443537_0.png")
+    assert image.size == (32, 32) and len(os.listdir(train / "goldfish")) == 2
+    assert len(os.listdir(tmp_path / "out" / "val" / "lemon")) == 1
+
+    digest = script.pixel_digest(str(train))
+    assert f"train: pixel digest {digest}" in printed
+    # The digest is of the pixels, not the PNG bytes: re-encoding keeps it, one changed pixel does not.
+    Image.open(train / "goldfish" / "n01443537_0.png").save(train / "goldfish" / "n01443537_0.png", compress_level=0)
+    assert script.pixel_digest(str(train)) == digest
+    pixels = np.asarray(Image.open(train / "lemon" / "n07749582_1.png")).copy()
+    pixels[0, 0, 0] ^= 1
+    Image.fromarray(pixels).save(train / "lemon" / "n07749582_1.png")
+    assert script.pixel_digest(str(train)) != digest
+
+    fake_source(tmp_path / "src32", (32, 32))
+    with pytest.raises(SystemExit, match="32x32, expected Tiny ImageNet's 64x64"):
+        script.main([f"--src={tmp_path / 'src32'}", f"--out={tmp_path / 'out32'}"])
