@@ -75,6 +75,8 @@ def get_config(variant: str = ""):
         shape_accuracy=True,
         shape_classifier_images=4000,
         shape_classifier_epochs=6,
+        # Training steps of single stages ("base:3200"); the others train train.num_steps.
+        stage_steps="",
     ))
     if variant == "smoke":
         config.data.image_size = 16

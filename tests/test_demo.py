@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from configs import demo as demo_config
 from msf_jax.jobs import demo
 
@@ -21,7 +23,10 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     config.demo.grid_per_class = 2
     config.sample.batch_size = 40
     config.demo.shape_classifier_images, config.demo.shape_classifier_epochs = 64, 1
+    config.demo.stage_steps = "base:3"  # the base trains its own step count; the residual train.num_steps
     metrics = demo.run_demo(config, str(tmp_path))
+    assert max(int(d) for d in os.listdir(tmp_path / "base" / "checkpoints") if d.isdigit()) == 3
+    assert max(int(d) for d in os.listdir(tmp_path / "residual" / "checkpoints") if d.isdigit()) == 2
     assert os.path.exists(tmp_path / "demo_grid.png")
     saved = json.load(open(tmp_path / "demo_metrics.json"))
     assert saved["swd"] == metrics["swd"]
@@ -33,3 +38,11 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     assert set(shapes) == {"samples", "real", "noise"}
     for score in shapes.values():
         assert 0.0 <= score["accuracy"] <= 1.0 and score["std"] >= 0.0
+
+
+def test_stage_steps_are_parsed_with_a_clear_error():
+    assert demo.parse_stage_steps(" base:3200, residual:800 ") == {"base": 3200, "residual": 800}
+    assert demo.parse_stage_steps("") == {}
+    for bad in ("base", "base:0", "base:x"):
+        with pytest.raises(ValueError, match="is not 'stage:steps'"):
+            demo.parse_stage_steps(bad)

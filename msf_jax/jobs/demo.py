@@ -31,11 +31,28 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
+def parse_stage_steps(text: str) -> dict[str, int]:
+    """'base:3200,residual:800' -> {'base': 3200, 'residual': 800} (demo.stage_steps)."""
+    out = {}
+    for item in (i.strip() for i in str(text).split(",") if i.strip()):
+        name, sep, steps = item.partition(":")
+        if not sep or not steps.strip().isdigit() or int(steps) < 1:
+            raise ValueError(f"demo.stage_steps: {item!r} is not 'stage:steps' with steps >= 1")
+        out[name.strip()] = int(steps)
+    return out
+
+
 def stage_config(config, stage: str, stats_path: str):
+    """The config that trains one stage: its own step count when demo.stage_steps names it (else
+    train.num_steps), checkpointing at least at the last step."""
     cfg = config.copy_and_resolve_references()
+    steps = parse_stage_steps(config.get("demo", {}).get("stage_steps", ""))
     with cfg.unlocked():
         cfg.stage = stage
         cfg.factorizer.stats_path = stats_path
+        if stage in steps:
+            cfg.train.num_steps = steps[stage]
+            cfg.train.checkpoint_every = min(int(cfg.train.checkpoint_every), steps[stage])
     return cfg
 
 
@@ -62,6 +79,10 @@ def _run_demo(config, workdir: str) -> dict:
     _say(f"factorizer statistics in {stats_path}")
 
     stage_list = stages.build_stages(config, Factorizer.from_config(config.factorizer, stats=stats))
+    unknown = set(parse_stage_steps(config.demo.get("stage_steps", ""))) - {s.name for s in stage_list}
+    if unknown:
+        raise ValueError(f"demo.stage_steps names no stage of this model: {', '.join(sorted(unknown))} "
+                         f"(stages: {', '.join(s.name for s in stage_list)})")
     models = []
     for stage in (s.name for s in stage_list):  # base, residual (, residual_2, ... for a pyramid)
         cfg = stage_config(config, stage, stats_path)
