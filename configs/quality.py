@@ -13,9 +13,9 @@ for the DiT.
 Training compute is equal by FLOPs (`planned_training_flops`, printed before training and held by a
 test): a step of the 16-token base costs 0.42 of a DiT step and one of the 1-block residual stage (32x32,
 6 input channels) 0.27, so MSF's base trains 10,000 steps and its residual 2,500 against the DiT's 5,000
-(0.104 vs 0.107 PFLOP). Measured, each model pinned to one core beside another run: the base 2,785 s
-(3.6 steps/s), the residual 481 s, the DiT 2,926 s (MSF's base at patch 2 before: 2,456 s for 2,500
-steps); not timed on 2 idle cores at these defaults.
+(0.104 vs 0.107 PFLOP). Measured on 2 CPU cores (one seed of the default command, 55 min 52 s in all):
+MSF 1,595 s (base 1,393 s, residual 202 s), the DiT 1,204 s, the classifier 278 s, sampling and
+scoring about 5 min.
 
 Scores: FID and accuracy on the features of a classifier trained here on the folder's images
 (msf_jax.metrics.classifier), for `quality.num_samples` samples per setting, each with a bootstrap
