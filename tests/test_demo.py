@@ -23,7 +23,7 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     config.demo.grid_per_class = 2
     config.sample.batch_size = 40
     config.demo.shape_classifier_images, config.demo.shape_classifier_epochs = 64, 1
-    config.demo.stage_steps = "base:3"  # the base trains its own step count; the residual train.num_steps
+    config.demo.stage_step_factors = "base:1.5"  # the base trains 3 steps, the residual train.num_steps
     metrics = demo.run_demo(config, str(tmp_path))
     assert max(int(d) for d in os.listdir(tmp_path / "base" / "checkpoints") if d.isdigit()) == 3
     assert max(int(d) for d in os.listdir(tmp_path / "residual" / "checkpoints") if d.isdigit()) == 2
@@ -40,9 +40,14 @@ def test_demo_writes_grid_and_metrics(tmp_path):
         assert 0.0 <= score["accuracy"] <= 1.0 and score["std"] >= 0.0
 
 
-def test_stage_steps_are_parsed_with_a_clear_error():
-    assert demo.parse_stage_steps(" base:3200, residual:800 ") == {"base": 3200, "residual": 800}
-    assert demo.parse_stage_steps("") == {}
-    for bad in ("base", "base:0", "base:x"):
-        with pytest.raises(ValueError, match="is not 'stage:steps'"):
-            demo.parse_stage_steps(bad)
+def test_stage_step_factors_scale_train_num_steps_with_a_clear_error():
+    assert demo.parse_stage_step_factors(" base:4.1125, residual:1 ") == {"base": 4.1125, "residual": 1.0}
+    assert demo.parse_stage_step_factors("") == {}
+    config = demo_config.get_config()
+    assert demo.stage_steps(config, "residual") == config.train.num_steps == 800
+    assert demo.stage_steps(config, "base") == 3290  # the shipped recipe: equal training FLOPs
+    config.train.num_steps = 100  # a shorter demo shortens every stage
+    assert demo.stage_steps(config, "base") == 411
+    for bad in ("base", "base:0", "base:x", "base:-1"):
+        with pytest.raises(ValueError, match="is not 'stage:factor'"):
+            demo.parse_stage_step_factors(bad)

@@ -31,28 +31,34 @@ def _say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def parse_stage_steps(text: str) -> dict[str, int]:
-    """'base:3200,residual:800' -> {'base': 3200, 'residual': 800} (demo.stage_steps)."""
+def parse_stage_step_factors(text: str) -> dict[str, float]:
+    """'base:4.1125,residual:1' -> {'base': 4.1125, 'residual': 1.0} (demo.stage_step_factors)."""
     out = {}
     for item in (i.strip() for i in str(text).split(",") if i.strip()):
-        name, sep, steps = item.partition(":")
-        if not sep or not steps.strip().isdigit() or int(steps) < 1:
-            raise ValueError(f"demo.stage_steps: {item!r} is not 'stage:steps' with steps >= 1")
-        out[name.strip()] = int(steps)
+        name, _, factor = item.partition(":")
+        try:
+            out[name.strip()] = float(factor)
+        except ValueError:
+            out[name.strip()] = 0.0
+        if not out[name.strip()] > 0:
+            raise ValueError(f"demo.stage_step_factors: {item!r} is not 'stage:factor' with factor > 0")
     return out
 
 
+def stage_steps(config, stage: str) -> int:
+    """A stage's training steps: train.num_steps x its demo.stage_step_factors entry (default 1)."""
+    factors = parse_stage_step_factors(config.get("demo", {}).get("stage_step_factors", ""))
+    return max(1, int(round(config.train.num_steps * factors.get(stage, 1.0))))
+
+
 def stage_config(config, stage: str, stats_path: str):
-    """The config that trains one stage: its own step count when demo.stage_steps names it (else
-    train.num_steps), checkpointing at least at the last step."""
+    """The config that trains one stage, for `stage_steps` steps (checkpointing at least at the last)."""
     cfg = config.copy_and_resolve_references()
-    steps = parse_stage_steps(config.get("demo", {}).get("stage_steps", ""))
     with cfg.unlocked():
         cfg.stage = stage
         cfg.factorizer.stats_path = stats_path
-        if stage in steps:
-            cfg.train.num_steps = steps[stage]
-            cfg.train.checkpoint_every = min(int(cfg.train.checkpoint_every), steps[stage])
+        cfg.train.num_steps = stage_steps(config, stage)
+        cfg.train.checkpoint_every = min(int(cfg.train.checkpoint_every), cfg.train.num_steps)
     return cfg
 
 
@@ -79,9 +85,9 @@ def _run_demo(config, workdir: str) -> dict:
     _say(f"factorizer statistics in {stats_path}")
 
     stage_list = stages.build_stages(config, Factorizer.from_config(config.factorizer, stats=stats))
-    unknown = set(parse_stage_steps(config.demo.get("stage_steps", ""))) - {s.name for s in stage_list}
+    unknown = set(parse_stage_step_factors(config.demo.get("stage_step_factors", ""))) - {s.name for s in stage_list}
     if unknown:
-        raise ValueError(f"demo.stage_steps names no stage of this model: {', '.join(sorted(unknown))} "
+        raise ValueError(f"demo.stage_step_factors names no stage of this model: {', '.join(sorted(unknown))} "
                          f"(stages: {', '.join(s.name for s in stage_list)})")
     models = []
     for stage in (s.name for s in stage_list):  # base, residual (, residual_2, ... for a pyramid)
