@@ -48,6 +48,6 @@ def test_stage_step_factors_scale_train_num_steps_with_a_clear_error():
     assert demo.stage_steps(config, "base") == 3290  # the shipped recipe: equal training FLOPs
     config.train.num_steps = 100  # a shorter demo shortens every stage
     assert demo.stage_steps(config, "base") == 411
-    for bad in ("base", "base:0", "base:x", "base:-1"):
+    for bad in ("base", "base:0", "base:x", "base:-1", "base:nan", "base:inf"):
         with pytest.raises(ValueError, match="is not 'stage:factor'"):
             demo.parse_stage_step_factors(bad)

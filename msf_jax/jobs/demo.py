@@ -35,13 +35,14 @@ def parse_stage_step_factors(text: str) -> dict[str, float]:
     """'base:4.1125,residual:1' -> {'base': 4.1125, 'residual': 1.0} (demo.stage_step_factors)."""
     out = {}
     for item in (i.strip() for i in str(text).split(",") if i.strip()):
-        name, _, factor = item.partition(":")
+        name, _, value = item.partition(":")
         try:
-            out[name.strip()] = float(factor)
+            factor = float(value)
         except ValueError:
-            out[name.strip()] = 0.0
-        if not out[name.strip()] > 0:
-            raise ValueError(f"demo.stage_step_factors: {item!r} is not 'stage:factor' with factor > 0")
+            factor = 0.0
+        if not (0 < factor < float("inf")):
+            raise ValueError(f"demo.stage_step_factors: {item!r} is not 'stage:factor' with a finite factor > 0")
+        out[name.strip()] = factor
     return out
 
 
