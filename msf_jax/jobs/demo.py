@@ -48,18 +48,25 @@ def parse_stage_step_factors(text: str) -> dict[str, float]:
 
 def stage_steps(config, stage: str) -> int:
     """A stage's training steps: train.num_steps x its demo.stage_step_factors entry (default 1)."""
-    factors = parse_stage_step_factors(config.get("demo", {}).get("stage_step_factors", ""))
+    factors = parse_stage_step_factors(config.demo.get("stage_step_factors", ""))
     return max(1, int(round(config.train.num_steps * factors.get(stage, 1.0))))
 
 
+def check_stage_step_factors(config, stage_names: list[str]) -> None:
+    """A one-line error, before any work, when demo.stage_step_factors names a stage the model lacks."""
+    unknown = set(parse_stage_step_factors(config.demo.get("stage_step_factors", ""))) - set(stage_names)
+    if unknown:
+        raise ValueError(f"demo.stage_step_factors names no stage of this model: {', '.join(sorted(unknown))} "
+                         f"(stages: {', '.join(stage_names)})")
+
+
 def stage_config(config, stage: str, stats_path: str):
-    """The config that trains one stage, for `stage_steps` steps (checkpointing at least at the last)."""
+    """The config that trains one stage for `stage_steps` steps (the trainer also saves at the last)."""
     cfg = config.copy_and_resolve_references()
     with cfg.unlocked():
         cfg.stage = stage
         cfg.factorizer.stats_path = stats_path
         cfg.train.num_steps = stage_steps(config, stage)
-        cfg.train.checkpoint_every = min(int(cfg.train.checkpoint_every), cfg.train.num_steps)
     return cfg
 
 
@@ -79,6 +86,7 @@ def _run_demo(config, workdir: str) -> dict:
     from msf_jax.jobs.sample import Generator
 
     t_start = time.perf_counter()
+    check_stage_step_factors(config, [s.name for s in stages.build_stages(config)])  # no statistics needed
     paths.makedirs(workdir)
     _say(f"{jax.device_count()} {jax.devices()[0].platform.upper()} device(s); writing to {workdir}")
     stats_path = paths.join(workdir, RUN_STATS_FILE)
@@ -86,10 +94,6 @@ def _run_demo(config, workdir: str) -> dict:
     _say(f"factorizer statistics in {stats_path}")
 
     stage_list = stages.build_stages(config, Factorizer.from_config(config.factorizer, stats=stats))
-    unknown = set(parse_stage_step_factors(config.demo.get("stage_step_factors", ""))) - {s.name for s in stage_list}
-    if unknown:
-        raise ValueError(f"demo.stage_step_factors names no stage of this model: {', '.join(sorted(unknown))} "
-                         f"(stages: {', '.join(s.name for s in stage_list)})")
     models = []
     for stage in (s.name for s in stage_list):  # base, residual (, residual_2, ... for a pyramid)
         cfg = stage_config(config, stage, stats_path)
