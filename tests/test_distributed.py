@@ -84,7 +84,12 @@ def test_config_sets_the_heartbeat_timeout():
     assert distributed.heartbeat_timeout_of(config) == 100.0
     config.runtime.heartbeat_timeout_s = 10
     assert distributed.heartbeat_timeout_of(config) == 10.0
-    assert distributed.jax_heartbeat_timeout(10) > 10  # JAX's own abort comes after the watchdog's line
+    for timeout in (1, 10, 100, 600):  # JAX's own abort comes after every watchdog's line
+        jax_timeout = distributed.jax_heartbeat_timeout(timeout)
+        assert isinstance(jax_timeout, int)
+        # JAX's agents beat every jax_timeout / 2, so its abort may come that soon after a death
+        assert jax_timeout / 2 >= distributed.watchdog_latest_verdict(timeout) + 10, (timeout, jax_timeout)
+    assert distributed.jax_heartbeat_timeout(10) == 46 and distributed.jax_heartbeat_timeout(100) == 235
 
 
 class _Store:
