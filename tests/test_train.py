@@ -168,6 +168,25 @@ def test_execution_choices_are_not_part_of_the_model_signature():
     assert _model_signature(now) != _model_signature(old)
 
 
+def test_the_model_signature_compares_the_architecture_not_its_spelling():
+    """A registry name's patch and size are overridden by nonzero fields: "DiT-S/2" with patch_size 4
+    (what configs/quality.py wrote before its base was named "DiT-S/4") is the same model."""
+    from msf_jax.runtime.checkpoint import _model_signature, config_to_dict
+
+    def sig(name, **fields):
+        config = config_to_dict(tiny_config())
+        config["base"]["model"].update(name=name, **fields)
+        return _model_signature(config)
+
+    size = dict(depth=7, hidden_size=128, num_heads=4)
+    assert sig("DiT-S/2", patch_size=4, **size) == sig("DiT-S/4", patch_size=4, **size) == sig("DiT-S/4", patch_size=0, **size)
+    assert sig("DiT-S/2", patch_size=0, **size) != sig("DiT-S/4", patch_size=0, **size)  # patch 2 vs 4
+    registry = dict(depth=0, hidden_size=0, num_heads=0)
+    assert sig("DiT-S/2", patch_size=0, **registry) != sig("DiT-B/2", patch_size=0, **registry)  # sizes differ
+    assert sig("DiT-S/2", patch_size=4, **size) == sig("DiT-XL/2", patch_size=4, **size)  # every size field given
+    assert sig("custom", patch_size=4, **size) != sig("DiT-S/4", patch_size=4, **size)  # spelled differently: kept apart
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config = tiny_config(num_steps=2)
     train.train_and_evaluate(config, str(tmp_path))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging as py_logging
+import re
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -42,6 +43,31 @@ def _get(config_dict: dict, dotted: str):
     return node
 
 
+_REGISTRY_NAME = re.compile(r"^DiT-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
+
+
+def _architecture(model: dict) -> dict:
+    """A model section's size fields as the model builder reads them, whatever the spelling: a registry
+    name "DiT-<size>/<patch>" gives the patch and the size's depth, width and heads, and each nonzero
+    field overrides its part. So "DiT-S/2" with patch_size 4 and "DiT-S/4" are one model (the quality
+    config wrote the first before the demo config it builds on named its base "DiT-S/4"). A size
+    field left to the registry reads "<size> default"; the name itself is dropped."""
+    name = str(model.get("name") or "custom")
+    match = _REGISTRY_NAME.match(name)
+    arch = {"name": None}
+    for field in ("depth", "hidden_size", "num_heads", "patch_size"):
+        value = model.get(field)
+        if value:
+            arch[field] = int(value)
+        elif match and field == "patch_size":
+            arch[field] = int(match["patch"])
+        else:
+            arch[field] = f"{match['size']} default" if match else value
+    if not match:
+        arch["name"] = name  # "custom" or an unknown name: compared as written
+    return arch
+
+
 def _model_signature(config_dict: dict) -> dict:
     stage = config_dict.get("stage")
     if stage == "residual_1":
@@ -51,7 +77,8 @@ def _model_signature(config_dict: dict) -> dict:
     if stage:
         # A pyramid level without its own `residual_<k>` section uses `residual` (msf_jax.stages).
         section = stage if stage in config_dict or not stage.startswith("residual") else "residual"
-        for k, v in (_get(config_dict, f"{section}.model") or {}).items():
+        model = _get(config_dict, f"{section}.model") or {}
+        for k, v in {**model, **_architecture(model)}.items():
             if k not in _EXECUTION_KEYS:
                 sig[f"{section}.model.{k}"] = v
         for k in ("process", "num_train_timesteps"):  # the objective the weights were trained for
