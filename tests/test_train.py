@@ -179,12 +179,13 @@ def test_the_model_signature_compares_the_architecture_not_its_spelling():
         return _model_signature(config)
 
     size = dict(depth=7, hidden_size=128, num_heads=4)
-    assert sig("DiT-S/2", patch_size=4, **size) == sig("DiT-S/4", patch_size=4, **size) == sig("DiT-S/4", patch_size=0, **size)
+    same = sig("DiT-S/4", patch_size=4, **size)
+    assert sig("DiT-S/2", patch_size=4, **size) == same == sig("DiT-S/4", patch_size=0, **size)
     assert sig("DiT-S/2", patch_size=0, **size) != sig("DiT-S/4", patch_size=0, **size)  # patch 2 vs 4
     registry = dict(depth=0, hidden_size=0, num_heads=0)
     assert sig("DiT-S/2", patch_size=0, **registry) != sig("DiT-B/2", patch_size=0, **registry)  # sizes differ
     assert sig("DiT-S/2", patch_size=4, **size) == sig("DiT-XL/2", patch_size=4, **size)  # every size field given
-    assert sig("custom", patch_size=4, **size) != sig("DiT-S/4", patch_size=4, **size)  # spelled differently: kept apart
+    assert sig("custom", patch_size=4, **size) != same  # another spelling: kept apart, as before
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
