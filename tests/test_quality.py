@@ -147,6 +147,27 @@ def test_classifier_learns_and_round_trips(tmp_path):
     assert meta["widths"] == [8, 16]
 
 
+def test_classifier_step_cap_bounds_cost_and_changes_nothing_below_it():
+    """`max_steps` stops training after that many steps (a large folder costs no more than the cap);
+    a cap the epochs never reach trains the same weights as no cap."""
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, (96, 8, 8, 3)).astype(np.uint8), np.arange(96) % 3
+
+    def train(max_steps):
+        logs = []
+        cfg = classifier.ClassifierConfig(widths=(4,), epochs=2, batch_size=32, max_steps=max_steps)
+        model = classifier.train_classifier(images, labels, 3, cfg, log=logs.append)
+        return classifier.apply_batched(model, images)[0], logs
+
+    uncapped, logs = train(0)
+    assert logs[-1].startswith("classifier epoch 2/2 (step 6/6)")
+    np.testing.assert_array_equal(train(100)[0], uncapped)
+    capped, logs = train(4)
+    assert [line.split(":")[0] for line in logs] == ["classifier epoch 1/2 (step 3/4)",
+                                                      "classifier epoch 2/2 (step 4/4)"]
+    assert not np.array_equal(capped, uncapped)
+
+
 def test_per_stage_guidance_and_score_keys(tmp_path):
     """'3/1' guides the base at 3 and samples the residual unguided; a changed sampling field that no
     setting decides (here the guidance interval) scores into another directory, a changed DiT field

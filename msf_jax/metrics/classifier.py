@@ -31,6 +31,9 @@ from msf_jax.runtime import paths
 class ClassifierConfig:
     widths: tuple[int, ...] = (32, 64, 128)
     epochs: int = 12
+    # At most this many optimizer steps (0: no cap): on a large folder the epochs, not the folder, set
+    # the cost (12 epochs of 49,000 images would be 4,590 steps), so a cap bounds it.
+    max_steps: int = 0
     batch_size: int = 128
     learning_rate: float = 2e-3
     weight_decay: float = 5e-4
@@ -81,6 +84,9 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     model = ConvClassifier(num_classes, cfg.widths, rngs=nnx.Rngs(cfg.seed))
     steps_per_epoch = max(1, len(images) // cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps > 0:
+        total = min(total, cfg.max_steps)
+    epochs = -(-total // steps_per_epoch)  # the last one may be partial
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(100, total // 10), total)
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=cfg.weight_decay), wrt=nnx.Param)
 
@@ -96,14 +102,17 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, c
     rng = np.random.default_rng(cfg.seed)
     key = jax.random.key(cfg.seed)
     images, labels = np.asarray(images), np.asarray(labels, np.int32)
-    for epoch in range(cfg.epochs):
+    done = 0
+    for epoch in range(epochs):
         order = rng.permutation(len(images))
         losses = []
-        for i in range(steps_per_epoch):
+        for i in range(min(steps_per_epoch, total - done)):
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             key, sub = jax.random.split(key)
             losses.append(step(model, optimizer, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), sub))
-        log(f"classifier epoch {epoch + 1}/{cfg.epochs}: loss {float(np.mean(jax.device_get(losses))):.3f}")
+        done += len(losses)
+        log(f"classifier epoch {epoch + 1}/{epochs} (step {done}/{total}): "
+            f"loss {float(np.mean(jax.device_get(losses))):.3f}")
     return model
 
 
