@@ -71,7 +71,7 @@ def get_config(variant: str = ""):
     # base steps instead of 2,500), over two training seeds, Heun 6 + 6 at guidance 1.5 went from 0.49 to
     # 0.33 +- 0.03 (paired -0.16 +- 0.04; each seed better) at a third of the sampling FLOPs (1.69
     # GFLOP/image vs 4.90), against the DiT's 0.46 +- 0.08 at 5.13 (README, "Levers measured on the
-    # two-seed models"; a third seed gave 0.35 vs 0.45, three-seed paired -0.12 +- 0.05). 14 blocks at
+    # two-seed models"; over three seeds 0.34 +- 0.03 vs 0.46 +- 0.06, paired -0.12 +- 0.04). 14 blocks at
     # 5,170 steps (seed 0) scored 0.37 at 2.71 GFLOP.
     config.base.model.patch_size = 4
 
