@@ -168,6 +168,11 @@ def test_classifier_step_cap_bounds_cost_and_changes_nothing_below_it():
     assert not np.array_equal(capped, uncapped)
 
 
+def test_the_plot_names_the_folder_by_its_last_two_parts():
+    assert quality.folder_title("data/tin10/train/") == "tin10/train"
+    assert quality.folder_title("/flowers") == "flowers"
+
+
 def test_per_stage_guidance_and_score_keys(tmp_path):
     """'3/1' guides the base at 3 and samples the residual unguided; a changed sampling field that no
     setting decides (here the guidance interval) scores into another directory, a changed DiT field

@@ -487,10 +487,16 @@ def run_quality(config, workdir: str) -> dict:
     table = markdown(rows, floor, n, seeds, diag_rows)
     paths.write_committed_text(paths.join(workdir, "quality.md"), table + "\n")
     frontier.plot_frontier(rows, paths.join(workdir, "quality.png"), metric="classifier FID",
-                           title=f"MSF vs DiT on {os.path.basename(config.data.folder.rstrip('/'))} "
+                           title=f"MSF vs DiT on {folder_title(config.data.folder)} "
                                  f"(N={n}, seeds {','.join(map(str, seeds))})")
     print(table, flush=True)
     return {"rows": rows, **extra}
+
+
+def folder_title(folder: str) -> str:
+    """The folder as a plot names it: its last two path parts ("tin10/train", not just "train")."""
+    parts = [p for p in folder.rstrip("/").split("/") if p]
+    return "/".join(parts[-2:])
 
 
 def aggregate(setting: SamplerSetting, results: list[dict], train_flops: float) -> dict:
