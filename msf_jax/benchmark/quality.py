@@ -176,10 +176,11 @@ def get_classifier(config, workdir: str, images: np.ndarray, labels: np.ndarray)
     cfg = classifier.ClassifierConfig(widths=tuple(q.classifier_widths), epochs=int(q.classifier_epochs),
                                       max_steps=int(q.classifier_max_steps), seed=int(config.seed))
     t0 = time.perf_counter()
-    steps = cfg.epochs * max(1, len(images) // cfg.batch_size)
-    capped = f"{cfg.max_steps} steps (quality.classifier_max_steps; {cfg.epochs} epochs would be {steps})"
+    steps_per_epoch, steps = classifier.training_steps(len(images), cfg)
+    uncapped = cfg.epochs * steps_per_epoch
+    capped = f"{steps} steps (quality.classifier_max_steps; {cfg.epochs} epochs would be {uncapped})"
     _say(f"training the scoring classifier on {len(images)} real images: "
-         + (capped if 0 < cfg.max_steps < steps else f"{cfg.epochs} epochs, {steps} steps"))
+         + (capped if steps < uncapped else f"{cfg.epochs} epochs, {steps} steps"))
     model = classifier.train_classifier(images, labels, config.data.num_classes, cfg, log=_say)
     classifier.save_classifier(model, path, {"num_classes": int(config.data.num_classes), "widths": list(cfg.widths)})
     _say(f"classifier trained in {time.perf_counter() - t0:.0f}s")

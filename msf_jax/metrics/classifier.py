@@ -78,14 +78,18 @@ def _augment(key, images: jax.Array) -> jax.Array:
     return jax.vmap(lambda img, s: jax.lax.dynamic_slice(img, (s[0], s[1], 0), (h, w, img.shape[-1])))(padded, shifts)
 
 
+def training_steps(num_images: int, cfg: ClassifierConfig) -> tuple[int, int]:
+    """(steps per epoch, steps trained): cfg.epochs epochs of num_images, at most cfg.max_steps when set."""
+    steps_per_epoch = max(1, num_images // cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    return steps_per_epoch, (min(total, cfg.max_steps) if cfg.max_steps > 0 else total)
+
+
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ClassifierConfig = ClassifierConfig(),
                      log: Callable[[str], None] = print) -> ConvClassifier:
     """A ConvClassifier trained on uint8 (N, H, W, 3) images and int labels (seeded, deterministic)."""
     model = ConvClassifier(num_classes, cfg.widths, rngs=nnx.Rngs(cfg.seed))
-    steps_per_epoch = max(1, len(images) // cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total = min(total, cfg.max_steps)
+    steps_per_epoch, total = training_steps(len(images), cfg)
     epochs = -(-total // steps_per_epoch)  # the last one may be partial
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(100, total // 10), total)
     optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=cfg.weight_decay), wrt=nnx.Param)
