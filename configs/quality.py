@@ -106,8 +106,8 @@ def get_config(variant: str = ""):
         # and the base stage alone against real upsampled bases (msf_jax/benchmark/quality.py).
         diagnostics=True,
         classifier_epochs=12,
-        # ... but at most this many steps (~0.75 s each on 2 cores): on Tiny ImageNet-10 the 12 epochs are
-        # 372 steps; a folder of 49,000 images would take 4,590 (about an hour) without the cap.
+        # ... but at most this many steps (0.62-0.75 s each on 2 cores): on Tiny ImageNet-10 the 12 epochs
+        # are 372 steps; a folder of 49,000 images would take 4,590 (47-57 min) without the cap.
         classifier_max_steps=600,
         classifier_widths=(32, 64, 128),
     ))
