@@ -50,8 +50,7 @@ def get_config(variant: str = ""):
     # (paired FID difference -0.61 +- 0.15 at guidance 2, one training seed). At this file's budget
     # (2,500 steps per stage) Heun 6 + 6 at guidance 1.5-2 beats the 1,000-step winners: FID 0.70-0.72
     # vs 1.36 for guidance 3 and 1.24 for 6 + 3 steps (README, "Measured at the default budget"), so
-    # guidance and step choices made on short runs are not carried over. Both families are scored at
-    # guidance 1.5 and 2 (the DiT's best FID is at 1.5).
+    # guidance and step choices made on short runs are not carried over.
     config.base.flow_t_sampling = "logit_normal"
     # At 2,500 steps per stage the residual stage on real bases was already near the floor (0.38 vs
     # 0.26) and the base alone far from it (0.66 vs 0.25), so capacity moves to the base: 7 + 1 blocks
@@ -60,7 +59,10 @@ def get_config(variant: str = ""):
     # (paired -0.31 +- 0.11 at guidance 2, -0.06 +- 0.10 at 1.5).
     config.base.model.depth, config.residual.model.depth = 7, 1
     config.dit.flow_t_sampling = "logit_normal"
-    config.base.guidance_scale = config.residual.guidance_scale = 2.0
+    # Each family at its best guidance (what --mode=sample uses), measured on three training seeds
+    # (README, "Guidance per family and per stage"): MSF's base 1.5 with its residual stage at 2 (paired
+    # -0.02 +- 0.01 against 1.5 on each seed), the DiT 1.75 (0.42 +- 0.05, against 0.46 at 1.5, 0.50 at 2).
+    config.base.guidance_scale, config.residual.guidance_scale, config.dit.guidance_scale = 1.5, 2.0, 1.75
     # No conditioning noise on the residual stage's training bases (the demo's is 0.1): over two
     # training seeds MSF improved by a paired -0.04 +- 0.01 (g1.5) / -0.02 +- 0.01 (g2), and 0.3 was
     # worse (README, "Levers measured on the two-seed models").
@@ -97,11 +99,12 @@ def get_config(variant: str = ""):
         # heun:6+6:heun (full Heun).
         msf_settings="heun:6+6:euler,dpm2m:7+11",
         dit_settings="dpm2m:23",
-        guidance="1.5,2.0",  # guidance scales tried with every setting (comma list)
-        # MSF's own list ("" = guidance; "3/1" = base 3, residual unguided); the stages'
+        guidance="1.5,2.0",  # guidance scales tried with every setting of a family whose own list is ""
+        # MSF's own list ("3/1" = base 3, residual unguided): its best first (the diagnostics use the
+        # first), then the uniform 1.5 it replaced. The DiT's brackets its best, 1.75. The stages'
         # guidance_scale above agrees.
-        msf_guidance="",
-        dit_guidance="",  # the DiT's own list ("" = guidance)
+        msf_guidance="1.5/2,1.5",
+        dit_guidance="1.5,1.75,2",
         # Rows that tell which MSF stage limits quality (pixel space): the residual stage on real bases,
         # and the base stage alone against real upsampled bases (msf_jax/benchmark/quality.py).
         diagnostics=True,
@@ -120,7 +123,7 @@ def get_config(variant: str = ""):
         config.sample.batch_size = 16
         config.quality.update(num_samples=16, bootstrap=3, classifier_epochs=1, classifier_widths=(8, 16),
                               msf_settings="heun:2+2:euler,heun:2+2:heun", dit_settings="heun:2:euler",
-                              guidance="2.0")
+                              guidance="2.0", msf_guidance="", dit_guidance="")
     elif variant:
         raise ValueError(f"configs/quality.py: unknown variant {variant!r} (use '' or 'quick')")
     return config

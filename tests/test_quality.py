@@ -121,6 +121,17 @@ def test_the_recipe_trains_msf_and_the_dit_at_equal_flops():
     assert planned["dit"] == quality.training_flops(dit, config.train.batch_size, quality.stage_steps(config, "dit"))
 
 
+def test_sampling_defaults_are_the_benchmarks_best_guidances():
+    """--mode=sample with configs/quality.py uses the guidances the benchmark found best (README,
+    "Guidance per family and per stage"): MSF's first scored guidance, and one the DiT's list brackets."""
+    config = quality_config.get_config()
+    q = config.quality
+    msf_best = quality.parse_guidance(q.msf_guidance, 2)[0]
+    assert (config.base.guidance_scale, config.residual.guidance_scale) == msf_best == (1.5, 2.0)
+    dit = [g for (g,) in quality.parse_guidance(q.dit_guidance, 1)]
+    assert min(dit) < config.dit.guidance_scale == 1.75 < max(dit)
+
+
 def test_parse_settings():
     s = quality.parse_settings("msf", "heun:6+6:euler, euler:4+2", "1.5,2")
     assert [x.id for x in s] == ["msf_heun6+6_euler_g1.5", "msf_heun6+6_euler_g2", "msf_euler4+2_euler_g1.5",
