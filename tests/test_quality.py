@@ -80,6 +80,19 @@ def test_quality_quick_writes_table(tmp_path):
                                rtol=1e-4, atol=1e-4)
     assert pair["diff_std"] > 0 and 0 <= pair["p_b_better"] <= 1
 
+    # The headline: each family's best row, their paired difference (one seed: exactly the difference of
+    # the two FIDs, spread from the paired bootstrap) and the cost ratios, in the table and the json.
+    head = out["headline"]
+    best_msf = min((r for r in rows.values() if r["family"] == "msf"), key=lambda r: r["fid"])
+    best_dit = rows["dit_heun2_euler_g2"]
+    assert (head["msf"], head["dit"]) == (best_msf["label"], best_dit["label"])
+    np.testing.assert_allclose(head["diff"], best_msf["fid"] - best_dit["fid"], rtol=1e-4, atol=1e-4)
+    assert head["diff_per_seed"] == [head["diff"]] and head["diff_spread"] == head["diff_boot_std_per_seed"][0] > 0
+    np.testing.assert_allclose(head["relative"], (best_dit["fid"] - best_msf["fid"]) / best_dit["fid"], rtol=1e-4)
+    np.testing.assert_allclose(head["sampling_flops_ratio"], best_msf["flops_per_image"] / best_dit["flops_per_image"])
+    assert "**MSF vs DiT, each at its best row:** " + best_msf["label"] in table
+    assert saved["headline"]["diff"] == head["diff"]
+
     # A rerun reuses the classifier, the trained models and every committed score (same table).
     again = quality.run_quality(config, workdir)
     assert [r["fid"] for r in again["rows"]] == [r["fid"] for r in out["rows"]]

@@ -12,7 +12,9 @@ training FLOPs on the image folder, samples every sampler setting of `config.qua
     for uniform noise;
   - cost: model FLOPs per image (analytic: model calls counted in the real sampler x the DiT's
     forward FLOPs, doubled when guided), and training FLOPs per model.
-Outputs in the workdir: quality.md (the table), quality.csv / quality.json, quality.png (FID vs
+Then the headline: MSF against the DiT, each at its best row, as a paired FID difference per seed
+(same sample indices, labels and noise) with its spread, and the sampling and training FLOPs ratios.
+Outputs in the workdir: quality.md (the table and the headline), quality.csv / quality.json, quality.png (FID vs
 sampling FLOPs, MSF and DiT, error bars = spread), grids/ (a sample grid per setting and seed),
 reference_stats.npz and each setting's sample features (seed*/scores/<budget>/<spec hash>/*.features.npy) for paired
 comparisons between settings or runs (benchmarks/quality_paired.py, `paired_fid_difference`).
@@ -147,6 +149,52 @@ def paired_fid_difference(features_a: np.ndarray, features_b: np.ndarray, ref, b
         diffs.append(fid(features_b[idx]) - fid(features_a[idx]))
     diffs = np.asarray(diffs)
     return {"a": a, "b": b, "diff": b - a, "diff_std": float(diffs.std()), "p_b_better": float(np.mean(diffs < 0))}
+
+
+def headline(rows: list[dict], features: dict[str, list[str]], ref, bootstrap: int = 200) -> dict | None:
+    """MSF vs the DiT, each at its best row (lowest mean FID): the paired FID difference per seed.
+
+    Per seed, FID(MSF) - FID(DiT) on the same sample indices with its paired bootstrap spread
+    (`paired_fid_difference`); over seeds, the mean and the std of those per-seed differences (with one
+    seed, the paired bootstrap std). Picking each family's best of several rows on the same samples
+    favours it a little (more so the family with more rows). `features`: {setting id: one
+    .features.npy path per seed}. None when a family has no row or a row kept no features."""
+    best = {}
+    for family in ("msf", "dit"):
+        candidates = [r for r in rows if r["family"] == family]
+        if not candidates:
+            return None
+        best[family] = min(candidates, key=lambda r: r["fid"])
+    from msf_jax.runtime import paths
+
+    def load(path):
+        with paths.open(path, "rb") as f:
+            return np.load(f)
+
+    paths_msf, paths_dit = features.get(best["msf"]["id"], []), features.get(best["dit"]["id"], [])
+    if not paths_msf or len(paths_msf) != len(paths_dit) or not all(map(paths.exists, paths_msf + paths_dit)):
+        return None
+    per_seed = [paired_fid_difference(load(d), load(m), ref, bootstrap) for m, d in zip(paths_msf, paths_dit)]
+    diffs = np.array([p["diff"] for p in per_seed])
+    msf, dit = best["msf"], best["dit"]
+    return {"msf": msf["label"], "dit": dit["label"], "msf_fid": msf["fid"], "dit_fid": dit["fid"],
+            "diff": float(diffs.mean()),
+            "diff_spread": float(diffs.std(ddof=1)) if len(diffs) > 1 else per_seed[0]["diff_std"],
+            "diff_per_seed": [float(d) for d in diffs], "diff_boot_std_per_seed": [p["diff_std"] for p in per_seed],
+            "relative": float(-diffs.mean() / dit["fid"]) if dit["fid"] > 0 else float("nan"),
+            "sampling_flops_ratio": msf["flops_per_image"] / dit["flops_per_image"],
+            "training_flops_ratio": msf["train_flops"] / dit["train_flops"] if dit["train_flops"] else float("nan")}
+
+
+def headline_text(h: dict, seeds: list[int]) -> str:
+    """The headline as one markdown paragraph."""
+    spread = "std over seeds" if len(seeds) > 1 else "paired bootstrap std"
+    per_seed = ", ".join(f"{d:+.3f} ± {s:.3f}" for d, s in zip(h["diff_per_seed"], h["diff_boot_std_per_seed"]))
+    return (f"**MSF vs DiT, each at its best row:** {h['msf']} {h['msf_fid']:.3f} vs {h['dit']} {h['dit_fid']:.3f}; "
+            f"paired FID difference {h['diff']:+.3f} ± {h['diff_spread']:.3f} ({spread}; per seed {per_seed}), "
+            f"{100 * h['relative']:.0f}% {'lower' if h['relative'] >= 0 else 'higher'}, at "
+            f"{h['sampling_flops_ratio']:.2f}x the DiT's sampling FLOPs and {h['training_flops_ratio']:.2f}x its "
+            "training FLOPs. Each family's best row is picked on these samples, which favours it slightly.")
 
 
 def load_real(config, num_holdout: int, seed: int):
@@ -441,6 +489,7 @@ def run_quality(config, workdir: str) -> dict:
         f"{s} {stage_steps(config, s)} steps" for s in STAGES_MSF) + f"), DiT {planned['dit'] / 1e15:.3f} PFLOP "
          f"({stage_steps(config, 'dit')} steps): MSF / DiT = {msf_plan / planned['dit']:.3f}")
     per_seed: dict[str, list[dict]] = {s.id: [] for s in settings}
+    features: dict[str, list[str]] = {s.id: [] for s in settings}  # one .features.npy per seed
     train_flops = {}
     families = sorted({s.family for s in settings})
     diagnostics: dict[str, list[dict]] = {}
@@ -451,12 +500,13 @@ def run_quality(config, workdir: str) -> dict:
             # Keyed by the training budget and the sampling spec (score_dir): raising train.num_steps
             # resumes the models, and their old scores must not be reused.
             path = paths.join(dirs[setting.family], f"{setting.id}.json")
+            features[setting.id].append(path[:-len(".json")] + ".features.npy")
             if paths.is_committed(path):
                 per_seed[setting.id].append(paths.read_json(path))
                 continue
             t0 = time.perf_counter()
             images, labels, flops, calls = sample_setting(config, setting, models, factorizer, n)
-            scores = scorer(images, labels, features_out=path[:-len(".json")] + ".features.npy")
+            scores = scorer(images, labels, features_out=features[setting.id][-1])
             result = {"seed": seed, "train_steps": int(config.train.num_steps), **scores, "flops_per_image": flops, "calls_per_image": calls,
                       "sample_s": time.perf_counter() - t0}
             grid = np.concatenate([images[labels == c][:8] for c in range(config.data.num_classes)])
@@ -481,11 +531,15 @@ def run_quality(config, workdir: str) -> dict:
                         else float(res[0]["fid_boot_std"]),
                         "accuracy": float(np.mean([r["accuracy"] for r in res])), "label": res[0]["label"]}
                  for name, res in diagnostics.items()}
-    extra = {"floor": floor, "diagnostics": diag_rows, "seeds": seeds, "num_samples": n, "folder": config.data.folder,
+    head = headline(rows, features, scorer.ref)
+    extra = {"floor": floor, "diagnostics": diag_rows, "headline": head, "seeds": seeds, "num_samples": n,
+             "folder": config.data.folder,
              "train_flops": train_flops, "train_steps": {stage: stage_steps(config, stage)
                                                          for stage in STAGES_MSF + ("dit",)}}
     frontier.write_table(rows, paths.join(workdir, "quality.csv"), paths.join(workdir, "quality.json"), extra)
     table = markdown(rows, floor, n, seeds, diag_rows)
+    if head is not None:
+        table += "\n\n" + headline_text(head, seeds)
     paths.write_committed_text(paths.join(workdir, "quality.md"), table + "\n")
     frontier.plot_frontier(rows, paths.join(workdir, "quality.png"), metric="classifier FID",
                            title=f"MSF vs DiT on {folder_title(config.data.folder)} "
