@@ -58,6 +58,10 @@ def test_quality_quick_writes_table(tmp_path):
     for d in diag.values():
         assert np.isfinite(d["fid"]) and 0 <= d["accuracy"] <= 1
     assert diag["base_floor"]["fid"] < diag["base_only"]["fid"]  # real bases are closer to real bases
+    msf_dir = quality.score_dir(config, workdir, 0, "msf")
+    for name in ("oracle_base", "base_only", "base_floor"):  # kept for paired comparisons, like the settings'
+        assert np.load(os.path.join(msf_dir, f"diagnostic_{name}_msf_heun2+2_euler_g2.features.npy")).shape[0] == 16
+    assert os.path.exists(os.path.join(msf_dir, "diagnostic_base_reference_stats.npz"))
     for name in ("quality.md", "quality.csv", "quality.json", "quality.png", "classifier.npz"):
         assert os.path.exists(os.path.join(workdir, name)), name
     table = open(os.path.join(workdir, "quality.md")).read()
@@ -118,7 +122,7 @@ def test_training_steps_split_between_msf_stages():
     assert [quality.stage_steps(config, s) for s in ("base", "residual", "dit")] == [1500, 500, 2000]
     assert quality.budget_key(config) == "steps1000_base0.75"  # other models: their scores are kept apart
     cfg = quality.seed_config(config, 0, "residual", "")
-    assert cfg.train.num_steps == 500 and cfg.train.checkpoint_every == min(500, config.train.checkpoint_every)
+    assert cfg.train.num_steps == 500 and (cfg.seed, cfg.stage) == (0, "residual")
 
 
 def test_the_recipe_trains_msf_and_the_dit_at_equal_flops():

@@ -243,9 +243,7 @@ def seed_config(config, seed: int, stage: str, stats_path: str):
     with cfg.unlocked():
         cfg.seed, cfg.stage = seed, stage
         cfg.factorizer.stats_path = stats_path
-        cfg.train.num_steps = stage_steps(config, stage)
-        # every checkpoint_every steps and at the last (a killed run resumes, whatever its step count)
-        cfg.train.checkpoint_every = min(int(config.train.checkpoint_every), cfg.train.num_steps)
+        cfg.train.num_steps = stage_steps(config, stage)  # the trainer saves at the last step too
     return cfg
 
 
@@ -391,8 +389,10 @@ def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer,
     - "oracle_base": the residual stage on the *real* bases of the held-out images (their labels),
       scored like the samples: MSF's quality if the base stage were perfect;
     - "base_only": the base stage's samples, upsampled (residual zero), against the real images'
-      upsampled bases (a reference of its own, from the same images as the FID reference): how far
-      the coarse layout alone is from the real one. Its floor, held-out vs reference, is the third row.
+      upsampled bases (a reference of its own, from the same images as the FID reference, kept as
+      diagnostic_base_reference_stats.npz): how far the coarse layout alone is from the real one. Its
+      floor, held-out vs reference, is the third row.
+    Each row keeps its features (diagnostic_<row>_<setting>.features.npy) for paired comparisons.
     """
     import jax
 
@@ -438,15 +438,17 @@ def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer,
         if paths.is_committed(path):
             out[name] = paths.read_json(path)
             continue
+        features_out = path[:-len(".json")] + ".features.npy"  # for paired comparisons, as the settings'
         if name == "oracle_base":
-            result = scorer(batched(oracle, held_out, labels), labels)
+            result = scorer(batched(oracle, held_out, labels), labels, features_out)
         else:
             if base_scorer is None:  # the real upsampled bases are the reference
                 base_scorer = Scorer(scorer.model, batched(real_base, to_unit_range(rest["image"]), keyed=False),
                                      scorer.bootstrap)
+                base_scorer.ref.save(paths.join(score_dir, "diagnostic_base_reference_stats.npz"))
             images = (batched(base_only, labels) if name == "base_only"
                       else batched(real_base, held_out, keyed=False))
-            result = base_scorer(images, labels)
+            result = base_scorer(images, labels, features_out)
         result.update(seed=seed, label=label)
         paths.write_committed_json(path, result)
         out[name] = result
