@@ -10,6 +10,10 @@ that a folder is that set (the README gives OUT/train's). Copies of Tiny ImageNe
 to 32x32 are refused: their JPEG-compressed pixels are another set, on which the scores differ.
 
     python benchmarks/tiny_imagenet_subset.py --check=data/tin10   # digests of an existing folder
+
+`--classes=WNID,...` writes other classes instead (folders named by words.txt's first name). The
+README's held-out class set, on which no default was chosen, is `--classes=held_out`: 10 wnids drawn
+at random (numpy default_rng(0)) from the 190 not in CLASSES.
 """
 
 from __future__ import annotations
@@ -28,6 +32,29 @@ CLASSES = {  # distinct layouts and colours: animals, vehicles, food, a landscap
     "n09193705": "alp", "n02056570": "king_penguin", "n07873807": "pizza", "n04285008": "sports_car",
     "n02099601": "golden_retriever", "n01910747": "jellyfish",
 }
+
+HELD_OUT = ("n01698640", "n01774384", "n01945685", "n02190166", "n02480855", "n02699494", "n03201208",
+            "n03796401", "n04399382", "n04417672")  # drawn by draw_held_out(wnids.txt); never used for tuning
+
+
+def draw_held_out(all_wnids: list[str], k: int = 10, seed: int = 0) -> tuple[str, ...]:
+    """k wnids drawn at random from those not in CLASSES (how HELD_OUT was drawn)."""
+    rest = sorted(set(all_wnids) - set(CLASSES))
+    return tuple(sorted(np.random.default_rng(seed).choice(rest, k, replace=False)))
+
+
+def class_names(src: str, wnids: list[str]) -> dict[str, str]:
+    """{wnid: folder name}: CLASSES' names, else words.txt's first name ('teddy, teddy bear' -> teddy)."""
+    words = {}
+    path = os.path.join(src, "words.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            words = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
+    out = {}
+    for w in wnids:
+        name = CLASSES.get(w) or words.get(w, w).split(",")[0].strip().replace(" ", "_").replace("/", "_")
+        out[w] = name
+    return out
 
 
 def _convert(src: str, dst_dir: str) -> None:
@@ -62,6 +89,7 @@ def main(argv=None) -> None:
     p.add_argument("--src", help="the unpacked tiny-imagenet-200 directory")
     p.add_argument("--out", help="where train/ and val/ are written")
     p.add_argument("--check", help="only print the digests of a folder written by this script")
+    p.add_argument("--classes", default="", help="comma list of wnids, or 'held_out' (default: CLASSES)")
     args = p.parse_args(argv)
     if args.check:
         return print_digests(args.check)
@@ -69,8 +97,14 @@ def main(argv=None) -> None:
         raise SystemExit("give --src and --out (or --check=FOLDER)")
     if not os.path.isdir(os.path.join(args.src, "train")):
         raise SystemExit(f"{args.src}: no train/ folder (expected an unpacked tiny-imagenet-200)")
+    wnids = (list(HELD_OUT) if args.classes == "held_out"
+             else [w.strip() for w in args.classes.split(",") if w.strip()] or list(CLASSES))
+    classes = class_names(args.src, wnids)
+    for wnid in wnids:
+        if not os.path.isdir(os.path.join(args.src, "train", wnid, "images")):
+            raise SystemExit(f"{args.src}: no class {wnid} (train/{wnid}/images)")
     count = 0
-    for wnid, name in CLASSES.items():
+    for wnid, name in classes.items():
         folder = os.path.join(args.src, "train", wnid, "images")
         for f in sorted(os.listdir(folder)):
             _convert(os.path.join(folder, f), os.path.join(args.out, "train", name))
@@ -78,9 +112,9 @@ def main(argv=None) -> None:
     with open(os.path.join(args.src, "val", "val_annotations.txt")) as f:
         for line in f:
             fields = line.split()
-            if len(fields) >= 2 and fields[1] in CLASSES:
+            if len(fields) >= 2 and fields[1] in classes:
                 _convert(os.path.join(args.src, "val", "images", fields[0]),
-                         os.path.join(args.out, "val", CLASSES[fields[1]]))
+                         os.path.join(args.out, "val", classes[fields[1]]))
                 count += 1
     print(f"wrote {count} images under {args.out}")
     print_digests(args.out)
