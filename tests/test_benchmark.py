@@ -148,17 +148,17 @@ def test_tiny_imagenet_subset_writes_the_set_and_refuses_a_downsampled_copy(tmp_
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
 
-    def fake_source(root, size):
+    def fake_source(root, size, wnids=tuple(script.CLASSES)):
         rng = np.random.default_rng(0)
         val_lines = []
-        for k, wnid in enumerate(script.CLASSES):
+        for k, wnid in enumerate(wnids):
             folder = root / "train" / wnid / "images"
             folder.mkdir(parents=True)
             for i in range(2):
                 Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{wnid}_{i}.JPEG")
             val_lines.append(f"val_{k}.JPEG\t{wnid}\t0\t0\t1\t1")
         (root / "val" / "images").mkdir(parents=True)
-        for k in range(len(script.CLASSES)):
+        for k in range(len(wnids)):
             Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / "val" / "images" / f"val_{k}.JPEG")
         (root / "val" / "val_annotations.txt").write_text("\n".join(val_lines) + "\n")
 
@@ -181,6 +181,19 @@ def test_tiny_imagenet_subset_writes_the_set_and_refuses_a_downsampled_copy(tmp_
     pixels[0, 0, 0] ^= 1
     Image.fromarray(pixels).save(train / "lemon" / "n07749582_1.png")
     assert script.pixel_digest(str(train)) != digest
+
+    # The held-out class set: other wnids, folders named by words.txt's first name; an absent class is
+    # a one-line error. Its wnids are none of CLASSES (draw_held_out excludes them).
+    fake_source(tmp_path / "src_ho", (64, 64), script.HELD_OUT)
+    (tmp_path / "src_ho" / "words.txt").write_text("n04399382\tteddy, teddy bear\nn01698640\tAmerican alligator, "
+                                                   "Alligator mississipiensis\n")
+    script.main([f"--src={tmp_path / 'src_ho'}", f"--out={tmp_path / 'out_ho'}", "--classes=held_out"])
+    folders = sorted(os.listdir(tmp_path / "out_ho" / "train"))
+    assert len(folders) == 10 and "teddy" in folders and "American_alligator" in folders and "n02190166" in folders
+    assert not set(script.HELD_OUT) & set(script.CLASSES)
+    assert script.draw_held_out([*script.CLASSES, *script.HELD_OUT]) == script.HELD_OUT
+    with pytest.raises(SystemExit, match="no class n00000000"):
+        script.main([f"--src={tmp_path / 'src_ho'}", f"--out={tmp_path / 'out_x'}", "--classes=n00000000"])
 
     fake_source(tmp_path / "src32", (32, 32))
     with pytest.raises(SystemExit, match="32x32, expected Tiny ImageNet's 64x64"):
