@@ -7,7 +7,7 @@
 Both files must hold the same sample indices (every run of `python -m msf_jax.benchmark.quality`
 samples 0..N-1 with the same labels and noise seed), and both runs the same classifier and reference
 (copy `classifier.npz` into a new workdir before its first run to share it). Prints FID(a), FID(b)
-and b - a with the paired bootstrap's standard deviation (msf_jax.benchmark.quality.paired_fid_difference).
+and b - a with the paired bootstrap's standard deviation (msf_jax.benchmark.quality_scores.paired_fid_difference).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from msf_jax.benchmark.quality import paired_fid_difference
+from msf_jax.benchmark.quality_scores import paired_fid_difference
 from msf_jax.metrics.features import FeatureStats
 
 

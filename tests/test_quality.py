@@ -9,6 +9,7 @@ from PIL import Image
 
 from configs import quality as quality_config
 from msf_jax.benchmark import quality
+from msf_jax.benchmark.quality_scores import paired_fid_difference
 from msf_jax.metrics import classifier
 
 
@@ -77,9 +78,9 @@ def test_quality_quick_writes_table(tmp_path):
     ref = FeatureStats.load(os.path.join(workdir, "reference_stats.npz"))
     feats = {k: np.load(os.path.join(quality.score_dir(config, workdir, 0, k[:3]), f"{k}.features.npy"))
              for k in ("msf_heun2+2_euler_g2", "dit_heun2_euler_g2")}
-    same = quality.paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["msf_heun2+2_euler_g2"], ref, 5)
+    same = paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["msf_heun2+2_euler_g2"], ref, 5)
     assert same["diff"] == 0 and same["diff_std"] == 0
-    pair = quality.paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["dit_heun2_euler_g2"], ref, 5)
+    pair = paired_fid_difference(feats["msf_heun2+2_euler_g2"], feats["dit_heun2_euler_g2"], ref, 5)
     np.testing.assert_allclose(pair["diff"], rows["dit_heun2_euler_g2"]["fid"] - rows["msf_heun2+2_euler_g2"]["fid"],
                                rtol=1e-4, atol=1e-4)
     assert pair["diff_std"] > 0 and 0 <= pair["p_b_better"] <= 1
