@@ -103,6 +103,6 @@ def headline_text(h: dict, seeds: list[int]) -> str:
     per_seed = ", ".join(f"{d:+.3f} ± {s:.3f}" for d, s in zip(h["diff_per_seed"], h["diff_boot_std_per_seed"]))
     return (f"**MSF vs DiT, each at its best row:** {h['msf']} {h['msf_fid']:.3f} vs {h['dit']} {h['dit_fid']:.3f}; "
             f"paired FID difference {h['diff']:+.3f} ± {h['diff_spread']:.3f} ({spread}; per seed {per_seed}), "
-            f"{100 * h['relative']:.0f}% {'lower' if h['relative'] >= 0 else 'higher'}, at "
+            f"{100 * abs(h['relative']):.0f}% {'lower' if h['relative'] >= 0 else 'higher'}, at "
             f"{h['sampling_flops_ratio']:.2f}x the DiT's sampling FLOPs and {h['training_flops_ratio']:.2f}x its "
             "training FLOPs. Each family's best row is picked on these samples, which favours it slightly.")
