@@ -224,3 +224,14 @@ def test_per_stage_guidance_and_score_keys(tmp_path):
     config.residual.guidance_interval = (0.2, 0.8)
     assert quality.score_dir(config, str(tmp_path), 0, "msf") != msf
     assert quality.score_dir(config, str(tmp_path), 0, "dit") == dit
+
+
+def test_headline_text_says_higher_when_msf_is_worse():
+    from msf_jax.benchmark.quality_scores import headline_text
+
+    h = {"msf": "MSF a", "dit": "DiT b", "msf_fid": 0.526, "dit_fid": 0.351, "diff": 0.175, "diff_spread": 0.076,
+         "diff_per_seed": [0.175], "diff_boot_std_per_seed": [0.076], "relative": -0.175 / 0.351,
+         "sampling_flops_ratio": 0.33, "training_flops_ratio": 0.98}
+    text = headline_text(h, [0])
+    assert "+0.175 ± 0.076 (paired bootstrap std" in text and "50% higher" in text and "-50%" not in text
+    assert "50% lower" in headline_text({**h, "relative": 0.5}, [0, 1]) and "std over seeds" in headline_text(h, [0, 1])
