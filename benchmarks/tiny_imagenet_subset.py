@@ -50,11 +50,8 @@ def class_names(src: str, wnids: list[str]) -> dict[str, str]:
     if os.path.exists(path):
         with open(path) as f:
             words = dict(line.rstrip("\n").split("\t", 1) for line in f if "\t" in line)
-    out = {}
-    for w in wnids:
-        name = CLASSES.get(w) or words.get(w, w).split(",")[0].strip().replace(" ", "_").replace("/", "_")
-        out[w] = name
-    return out
+    return {w: CLASSES.get(w) or words.get(w, w).split(",")[0].strip().replace(" ", "_").replace("/", "_")
+            for w in wnids}
 
 
 def _convert(src: str, dst_dir: str) -> None:

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from msf_jax.benchmark.quality_scores import Scorer, headline, headline_text
+from msf_jax.benchmark.quality_scores import Scorer, features_path, headline, headline_text
 
 STAGES_MSF = ("base", "residual")
 
@@ -335,7 +335,7 @@ def stage_diagnostics(config, setting: SamplerSetting, models: dict, factorizer,
         if paths.is_committed(path):
             out[name] = paths.read_json(path)
             continue
-        features_out = path[:-len(".json")] + ".features.npy"  # for paired comparisons, as the settings'
+        features_out = features_path(path)  # for paired comparisons, as the settings'
         if name == "oracle_base":
             result = scorer(batched(oracle, held_out, labels), labels, features_out)
         else:
@@ -399,7 +399,7 @@ def run_quality(config, workdir: str) -> dict:
             # Keyed by the training budget and the sampling spec (score_dir): raising train.num_steps
             # resumes the models, and their old scores must not be reused.
             path = paths.join(dirs[setting.family], f"{setting.id}.json")
-            features[setting.id].append(path[:-len(".json")] + ".features.npy")
+            features[setting.id].append(features_path(path))
             if paths.is_committed(path):
                 per_seed[setting.id].append(paths.read_json(path))
                 continue

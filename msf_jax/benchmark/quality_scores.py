@@ -6,6 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 
+def features_path(score_json: str) -> str:
+    """Where a score (`X.json`) keeps its samples' features: `X.features.npy`."""
+    return score_json[:-len(".json")] + ".features.npy"
+
+
 class Scorer:
     """FID / accuracy of uint8 images on the classifier's features, against the reference set."""
 
@@ -70,13 +75,14 @@ def headline(rows: list[dict], features: dict[str, list[str]], ref, bootstrap: i
     seed, the paired bootstrap std). Picking each family's best of several rows on the same samples
     favours it a little (more so the family with more rows). `features`: {setting id: one
     .features.npy path per seed}. None when a family has no row or a row kept no features."""
+    from msf_jax.runtime import paths
+
     best = {}
     for family in ("msf", "dit"):
         candidates = [r for r in rows if r["family"] == family]
         if not candidates:
             return None
         best[family] = min(candidates, key=lambda r: r["fid"])
-    from msf_jax.runtime import paths
 
     def load(path):
         with paths.open(path, "rb") as f:
