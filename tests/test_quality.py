@@ -126,6 +126,16 @@ def test_training_steps_split_between_msf_stages():
     assert cfg.train.num_steps == 500 and (cfg.seed, cfg.stage) == (0, "residual")
 
 
+def test_the_demo_job_on_this_config_trains_the_benchmarks_step_split():
+    """`--mode=demo --config=configs/quality.py` trains each MSF stage as many steps as the benchmark."""
+    from msf_jax.jobs import demo
+
+    for variant in ("", "quick"):
+        config = quality_config.get_config(variant)
+        assert [demo.stage_steps(config, s) for s in ("base", "residual")] == \
+            [quality.stage_steps(config, s) for s in ("base", "residual")], variant
+
+
 def test_the_recipe_trains_msf_and_the_dit_at_equal_flops():
     """The benchmark's claim of equal training compute holds for its shipped recipe (analytic FLOPs)."""
     config = quality_config.get_config()
